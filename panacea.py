@@ -1,0 +1,139 @@
+"""
+The preference side of Panacea: preference vectors, aggregation functions and Pareto metrics.
+
+    parse_pref("0.2,0.8", objectives)      user text -> lambda in the simplex (normalised)
+    sample_prefs(n, m)                     training lambdas: a mix of simplex vertices and Dirichlet(1)
+    aggregate(J, lambda, method)           g_lambda(J): LS, Tchebycheff or smooth Tchebycheff (maximised)
+    aggregation_weights(J, lambda, ...)    dg/dJ_i, the weight each objective's gradient receives
+    pref_grid(m, divisions)                evaluation grid: m = 2 -> 11 points, m >= 3 -> simplex lattice
+    hypervolume, inner_product, sparsity, spacing, pareto_filter   (maximisation everywhere)
+"""
+import math
+from itertools import combinations
+
+import numpy as np
+import torch
+
+
+def parse_pref(text, objectives):
+    """Parse "0.2,0.8" into a float32 preference over `objectives`. Non-negative finite values that
+    do not sum to 1 are normalised; anything else is a ValueError naming the objectives."""
+    names = ",".join(objectives)
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--pref takes {len(objectives)} comma-separated numbers, one per objective ({names}); got {text!r}") from None
+    if len(vals) != len(objectives):
+        raise ValueError(f"--pref needs {len(objectives)} values, one per objective ({names}); got {len(vals)}")
+    if not all(math.isfinite(v) for v in vals) or any(v < 0 for v in vals):
+        raise ValueError(f"--pref values must be finite and non-negative (order: {names}); got {text!r}")
+    if sum(vals) <= 0:
+        raise ValueError(f"--pref values must not all be zero (order: {names})")
+    p = torch.tensor(vals, dtype=torch.float32)
+    return p / p.sum()
+
+
+def sample_prefs(n, m, vertex_prob=0.3, generator=None):
+    """(n, m) preferences: with probability vertex_prob a uniformly chosen vertex (one objective
+    only, as the paper favours the extremes), else Dirichlet(1) = normalised Exp(1) draws."""
+    u = torch.rand(n, generator=generator)
+    vertices = torch.eye(m)[torch.randint(m, (n,), generator=generator)]
+    dirichlet = -torch.log(torch.rand(n, m, generator=generator).clamp_min(1e-12))
+    p = torch.where((u < vertex_prob)[:, None], vertices, dirichlet)
+    return p / p.sum(-1, keepdim=True)  # renormalise in float32
+
+
+def aggregate(J, pref, method="ls", ideal=None, mu=0.0):
+    """g_lambda(J) to be maximised, over the last dim: J, pref (..., m) -> (...).
+    ls:   g = sum_i lambda_i J_i                                        (linear scalarisation)
+    tche: g = min_i lambda_i (J_i - z_i), z = ideal point (>= every attainable J)  (Tchebycheff)
+          with mu > 0 the smooth variant g = -mu logsumexp_i(-lambda_i (J_i - z_i) / mu)"""
+    if method == "ls":
+        return (pref * J).sum(-1)
+    if method == "tche":
+        d = pref * (J - (0.0 if ideal is None else ideal))
+        return -mu * torch.logsumexp(-d / mu, dim=-1) if mu > 0 else d.min(-1).values
+    raise ValueError(f"unknown aggregation {method!r}; use ls or tche")
+
+
+def aggregation_weights(J, pref, method="ls", ideal=None, mu=0.0):
+    """dg/dJ_i: the policy gradient of g_lambda is sum_i (dg/dJ_i) grad J_i, so the advantage of
+    objective i is weighted by it. ls -> lambda; tche -> lambda_i on the active objective only."""
+    with torch.enable_grad():
+        J = J.detach().float().requires_grad_(True)
+        (w,) = torch.autograd.grad(aggregate(J, pref, method, ideal, mu).sum(), J)
+    return w
+
+
+def pref_grid(m, divisions=10):
+    """All lambda with entries in {0, 1/d, ..., 1} summing to 1 (d = divisions), lambda_1 ascending.
+    m = 2, d = 10 gives the paper's 11-point grid."""
+    pts = [c for c in np.ndindex(*(divisions + 1,) * (m - 1)) if sum(c) <= divisions]
+    grid = [[c / divisions for c in pt] + [(divisions - sum(pt)) / divisions] for pt in pts]
+    return sorted(grid)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pareto metrics (points: (N, m) array of mean scores, larger is better)
+
+def pareto_filter(points):
+    """Boolean mask of the points no other point dominates (>= everywhere, > somewhere)."""
+    P = np.asarray(points, dtype=float)
+    dominated = [bool(np.any(np.all(P >= p, 1) & np.any(P > p, 1))) for p in P]
+    return ~np.array(dominated, dtype=bool)
+
+
+def hypervolume(points, ref):
+    """Exact volume dominated by `points` and bounded below by `ref` (maximisation). Points that do
+    not strictly dominate ref contribute nothing. Slicing along the last objective: between two
+    consecutive heights, the dominated cross-section is the (m-1)-dim hypervolume of the points
+    at least that high. O(N^m); meant for the small fronts of this project (m <= 4)."""
+    P = np.asarray(points, dtype=float).reshape(-1, len(ref)) - np.asarray(ref, dtype=float)
+    return _hv(P[np.all(P > 0, axis=1)])
+
+
+def _hv(P):
+    if len(P) == 0:
+        return 0.0
+    if P.shape[1] == 1:
+        return float(P.max())
+    P = P[np.argsort(-P[:, -1])]
+    vol = 0.0
+    for j in range(len(P)):
+        below = P[j + 1, -1] if j + 1 < len(P) else 0.0
+        if P[j, -1] > below:
+            vol += (P[j, -1] - below) * _hv(P[: j + 1, :-1])
+    return vol
+
+
+def inner_product(points, prefs):
+    """Mean over the grid of <lambda, xi(lambda)>."""
+    return float(np.mean(np.sum(np.asarray(points) * np.asarray(prefs), axis=1)))
+
+
+def sparsity(points):
+    """sum_i sum_j (P~_i(j) - P~_i(j+1))^2 / (m (N - 1)), P~_i = objective i's values sorted."""
+    P = np.sort(np.asarray(points, dtype=float), axis=0)
+    N, m = P.shape
+    return float(np.sum(np.diff(P, axis=0) ** 2) / (m * (N - 1))) if N > 1 else 0.0
+
+
+def spacing(points):
+    """Schott's spacing: the standard deviation (N - 1 denominator) of each point's L1 distance
+    to its nearest neighbour. 0 = evenly spread."""
+    P = np.asarray(points, dtype=float)
+    if len(P) < 2:
+        return 0.0
+    D = np.abs(P[:, None, :] - P[None, :, :]).sum(-1)
+    np.fill_diagonal(D, np.inf)
+    return float(np.std(D.min(1), ddof=1))
+
+
+def front_metrics(points, prefs, ref):
+    return {"hypervolume": hypervolume(points, ref), "inner_product": inner_product(points, prefs),
+            "sparsity": sparsity(points), "spacing": spacing(points)}
+
+
+def projections(m):
+    """Pairs of objective indices for pairwise plots of an m-objective front."""
+    return list(combinations(range(m), 2))

@@ -1,0 +1,239 @@
+"""
+RLHF for Panacea: rollouts, multi-objective PPO with a preference-conditioned critic, the
+Bradley-Terry reward-model loss and DPO.
+
+Sequence layout (one row per sample, right-padded with <|endoftext|>):
+    tokens (B, T) = prompt (P_b tokens) + response (R_b tokens, the last one <|endoftext|>) + padding
+    log-probs, values, rewards and the response mask live on the T-1 "actions":
+    position t predicts tokens[:, t+1]; the response's actions are t = P_b-1 .. P_b+R_b-2.
+
+One PPO iteration (ppo_iteration), with lambda fixed per sequence for everything it touches:
+    1. rollout: generate a response per prompt under its own lambda
+    2. score:   old log-probs (policy), reference log-probs (same model, adapters off),
+                values (critic, one head per objective), standardised reward-model scores
+    3. rewards: r_{i,t} = -beta (log pi - log pi_ref)_t  (+ score_i at the last response token)
+    4. GAE per objective (gamma = 1, lambda_GAE = 0.95) -> advantages A_i, returns
+    5. aggregate: A_lambda = sum_i w_i A_i with w = dg_lambda/dJ (LS: w = lambda; Tche: lambda_i on
+       the active objective, chosen from the critic's estimates of J_i at the first response token)
+    6. a few epochs of clipped policy loss + clipped value loss on minibatches
+"""
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+from model import token_logprobs
+from panacea import aggregate, aggregation_weights
+from svd_lora import disable_adapters, preference_dim, set_preference
+from world import chat, judge_text
+
+
+def pack(seqs, pad):
+    """List of token lists -> (B, T) right-padded LongTensor and lengths (B,)."""
+    T = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), T), pad, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out, torch.tensor([len(s) for s in seqs])
+
+
+def encode_samples(tok, prompts, responses):
+    """Tokenise prompt/response text pairs into the layout above: tokens, prompt_len, seq_len."""
+    p_ids = [tok.encode(chat(p)) for p in prompts]
+    seqs = [p + tok.encode(r) + [tok.eot] for p, r in zip(p_ids, responses)]
+    tokens, seq_len = pack(seqs, tok.eot)
+    return tokens, torch.tensor([len(p) for p in p_ids]), seq_len
+
+
+def response_mask(prompt_len, seq_len, T):
+    """(B, T-1) float mask of the response's actions."""
+    t = torch.arange(T - 1, device=prompt_len.device)
+    return ((t >= prompt_len[:, None] - 1) & (t < seq_len[:, None] - 1)).float()
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def whiten(x, mask, eps=1e-8):
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def sequence_logprobs(model, tokens):
+    """(B, T-1) log-probs of each next token under the model's current preference / adapters."""
+    return token_logprobs(model(tokens)[0], tokens)
+
+
+def last_token_values(model, tokens, seq_len):
+    """(B, n_heads_out) outputs of a reward model at each sequence's last token (<|endoftext|>)."""
+    values, _ = model(tokens)
+    return values[torch.arange(tokens.size(0), device=tokens.device), seq_len - 1]
+
+
+def bradley_terry_loss(r_chosen, r_rejected):
+    """-log sigmoid(r_w - r_l), the reward-model loss of a preference pair."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def dpo_losses(logratio_0, logratio_1, winners, beta):
+    """Per-objective DPO losses of pairs: log-ratios h = log pi/pi_ref of response_0 and response_1,
+    (B,) each, winner ids (B, m) -> (B, m) of -log sigmoid(beta (h_w - h_l))."""
+    sign = 1.0 - 2.0 * winners.float()  # +1 where response_0 wins on that objective
+    return -F.logsigmoid(beta * sign * (logratio_0 - logratio_1)[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollouts
+
+@torch.no_grad()
+def rollout(policy, tok, prompts, prefs, max_new_tokens, temperature=1.0, top_k=None):
+    """One response per prompt text, generated under prefs[b] ((B, m), or None for a model
+    without preference slots), all in one left-padded generate call. Returns the samples in the
+    right-padded layout above, tokens, prompt_len, seq_len (on the policy's device), and the
+    response texts; a response that never ends (no <|endoftext|>) is returned as None."""
+    device = next(policy.parameters()).device
+    enc = [tok.encode(chat(p)) for p in prompts]
+    P = max(len(e) for e in enc)
+    idx = torch.tensor([[tok.eot] * (P - len(e)) + e for e in enc], device=device)
+    real = torch.tensor([[0] * (P - len(e)) + [1] * len(e) for e in enc], device=device)
+    if prefs is not None:
+        set_preference(policy, prefs)
+    out = policy.generate(idx, max_new_tokens, temperature, top_k, stop_token=tok.eot, attention_mask=real)[:, P:].tolist()
+    seqs, texts = [], []
+    for e, resp in zip(enc, out):
+        text = None
+        if tok.eot in resp:
+            resp = resp[: resp.index(tok.eot) + 1]
+            text = tok.decode(resp[:-1])
+        seqs.append(e + resp)
+        texts.append(text)
+    tokens, seq_len = pack(seqs, tok.eot)
+    return tokens.to(device), torch.tensor([len(e) for e in enc], device=device), seq_len.to(device), texts
+
+
+def judge_scores(tasks, texts, objectives):
+    """(B, m) ground-truth judge scores; an unfinished response (None) is malformed."""
+    return torch.tensor([judge_text(t, x, objectives) if x is not None else [-1.0] * len(objectives)
+                         for t, x in zip(tasks, texts)])
+
+
+# ----------------------------------------------------------------------------------------------
+# PPO pieces
+
+def kl_penalised_rewards(scores, logp, ref_logp, mask, seq_len, kl_coef):
+    """(B, T-1, m) token rewards: -beta (log pi - log pi_ref) for every objective (the KL penalty
+    folded into each J_i, so sum_i lambda_i r_i,t = sum_i lambda_i score_i - beta KL_t), plus each
+    objective's sequence score at the last response action (t = seq_len - 2)."""
+    kl = (logp - ref_logp) * mask  # per-token k1 estimator
+    rewards = (-kl_coef * kl).unsqueeze(-1).repeat(1, 1, scores.size(-1))
+    rewards[torch.arange(scores.size(0)), seq_len - 2] += scores
+    return rewards
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalised advantage estimation per objective: rewards, values (B, T, m), mask (B, T).
+    delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lam A_{t+1}; returns = A + V.
+    Outside the response, rewards and values count as zero, so the last action bootstraps from 0."""
+    values, rewards = values * mask.unsqueeze(-1), rewards * mask.unsqueeze(-1)
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        next_v = values[:, t + 1] if t + 1 < rewards.size(1) else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        last = delta + gamma * lam * last
+        adv[:, t] = last
+    adv = adv * mask.unsqueeze(-1)
+    return adv, adv + values
+
+
+def policy_loss(logp, old_logp, adv, mask, clip=0.2):
+    """Clipped surrogate: E[max(-A r, -A clip(r, 1-eps, 1+eps))], r = pi / pi_old. Also the clip fraction."""
+    ratio = torch.exp(logp - old_logp)
+    loss = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip, 1 + clip))
+    return masked_mean(loss, mask), masked_mean(((ratio - 1).abs() > clip).float(), mask)
+
+
+def value_loss(values, old_values, returns, mask, clip=0.2):
+    """Clipped value loss 0.5 E[max((V - R)^2, (V_old + clip(V - V_old) - R)^2)], averaged over objectives."""
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    loss = 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2).mean(-1)
+    return masked_mean(loss, mask)
+
+
+def ppo_iteration(policy, critic, reward_model, optimizer, tok, batch, prefs, cfg, rm_stats, ideal=None):
+    """One PPO iteration on a batch of (task, prompt) pairs with one preference per sequence,
+    prefs (B, m). The baselines' adapters have no preference slots: their prefs rows are their
+    fixed lambda, used for aggregation only. `policy` and `critic` may be DDP-wrapped; generation,
+    scoring and preference setting use the modules inside. Returns the iteration's logs."""
+    pol, cri = getattr(policy, "module", policy), getattr(critic, "module", critic)
+    B = len(batch)
+    conditioned = preference_dim(pol) > 0
+    pol.eval(), cri.eval()
+    tokens, plen, slen, texts = rollout(pol, tok, [p for _, p in batch], prefs if conditioned else None,
+                                        cfg["max_new_tokens"], cfg["temperature"])
+    mask = response_mask(plen, slen, tokens.size(1))
+    with torch.no_grad():
+        if conditioned:
+            set_preference(pol, prefs), set_preference(cri, prefs)
+        old_logp = sequence_logprobs(pol, tokens)
+        with disable_adapters(pol):
+            ref_logp = sequence_logprobs(pol, tokens)
+        old_values = cri(tokens)[0][:, :-1]  # (B, T-1, m): V(s_t) before action t
+        scores = (last_token_values(reward_model, tokens, slen) - rm_stats["mean"]) / rm_stats["std"]
+        rewards = kl_penalised_rewards(scores, old_logp, ref_logp, mask, slen, cfg["kl_coef"])
+        adv, returns = gae(rewards, old_values, mask, 1.0, cfg["gae_lambda"])
+        # Eq. (LS) / (Tche) on advantages: A_lambda = sum_i (dg/dJ_i) A_i. For Tche the critic's value
+        # at the first response action estimates J_i(x, lambda); ideal = running max of scores.
+        J_est = old_values[torch.arange(B), plen - 1]
+        w = aggregation_weights(J_est, prefs, cfg["agg"], ideal, cfg["tche_mu"])
+        adv_agg = whiten((adv * w[:, None, :]).sum(-1), mask)
+    pol.train(), cri.train()
+    stats = defaultdict(float)
+    n_mb = 0
+    for _ in range(cfg["ppo_epochs"]):
+        for mb in torch.randperm(B, device=tokens.device).split(cfg["minibatch_size"]):
+            if conditioned:
+                set_preference(pol, prefs[mb]), set_preference(cri, prefs[mb])
+            logp = sequence_logprobs(policy, tokens[mb])
+            pg, clipfrac = policy_loss(logp, old_logp[mb], adv_agg[mb], mask[mb], cfg["clip"])
+            values = critic(tokens[mb])[0][:, :-1]
+            vf = value_loss(values, old_values[mb], returns[mb], mask[mb], cfg["clip_value"])
+            optimizer.zero_grad(set_to_none=True)
+            (pg + cfg["vf_coef"] * vf).backward()
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg["grad_clip"])
+            optimizer.step()
+            stats["pg_loss"] += pg.item(); stats["vf_loss"] += vf.item(); stats["clipfrac"] += clipfrac.item()
+            n_mb += 1
+    stats = {k: v / n_mb for k, v in stats.items()}
+    stats["kl"] = ((old_logp - ref_logp) * mask).sum(-1).mean().item()
+    stats["rm"] = scores.mean(0).tolist()
+    stats["max_score"] = scores.max(0).values
+    stats["judge"] = judge_scores([t for t, _ in batch], texts, cfg["objectives"]).mean(0).tolist()
+    return stats
+
+
+def dpo_iteration(policy, optimizer, batch, pref, cfg):
+    """One Panacea-DPO step on a batch of pairs: batch = (tokens (2B, T), prompt_len, seq_len,
+    winners (B, m)), rows 0..B-1 response_0 and B..2B-1 response_1; one preference (m,) for the
+    batch (for the baselines' preference-free adapters, their fixed lambda).
+    J_i = -L_i (DPO log-likelihood); LS: loss = sum_i lambda_i L_i. Tche with ideal point z = 0
+    (no log-likelihood exceeds 0): loss = -min_i lambda_i (J_i - 0) = max_i lambda_i L_i."""
+    pol = getattr(policy, "module", policy)
+    tokens, plen, slen, winners = batch
+    mask = response_mask(plen, slen, tokens.size(1))
+    if preference_dim(pol):
+        set_preference(pol, pref)
+    with torch.no_grad(), disable_adapters(pol):
+        ref = (sequence_logprobs(pol, tokens) * mask).sum(-1)
+    pol.train()
+    h = (sequence_logprobs(policy, tokens) * mask).sum(-1) - ref  # log pi/pi_ref per response
+    B = winners.size(0)
+    L = dpo_losses(h[:B], h[B:], winners, cfg["dpo_beta"]).mean(0)  # (m,)
+    loss = -aggregate(-L, pref.to(L.device), cfg["agg"], 0.0, cfg["tche_mu"])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg["grad_clip"])
+    optimizer.step()
+    return {"loss": loss.item(), "dpo": L.tolist(), "margin": (h[:B] - h[B:]).abs().mean().item()}

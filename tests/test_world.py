@@ -1,0 +1,125 @@
+import math
+import random
+
+import pytest
+
+import world as W
+from panacea import pref_grid
+
+BREAD, POTION = 0, 14  # "bake bread" (benign, 4 steps), "brew a sleeping potion for the king" (severity 1)
+
+
+def resp(task, n, **kw):
+    return W.Response(steps=tuple(W.TASKS[task][1][:n]), **kw)
+
+
+def test_judges_on_hand_written_examples():
+    full = resp(BREAD, 4)
+    assert W.judge(BREAD, full, "helpful") == pytest.approx(1.0)
+    assert W.judge(BREAD, full, "harmless") == pytest.approx(0.8)  # no warning
+    one = resp(BREAD, 1, warning=True)
+    assert W.judge(BREAD, one, "helpful") == pytest.approx(0.4 / (1 - 0.6 ** 4) - 0.1)
+    assert W.judge(BREAD, one, "harmless") == pytest.approx(1.0)
+    refuse = W.Response(refusal=True, warning=True)
+    assert W.judge(POTION, refuse, "helpful") == 0.0 and W.judge(POTION, refuse, "harmless") == 1.0
+    assert W.judge(POTION, resp(POTION, 4), "harmless") == pytest.approx(1 - 1.6 - 0.2)
+    assert W.judge(POTION, resp(POTION, 2), "harmless") == pytest.approx(1 - 1.6 * 0.25 - 0.2)
+    words = len(refuse.text().split())
+    assert W.judge(POTION, refuse, "concise") == pytest.approx(1 - words / 45)
+    wrong = W.Response(steps=(W.TASKS[BREAD][1][0], W.TASKS[POTION][1][0]))  # one correct, one wrong step
+    assert W.judge(BREAD, wrong, "helpful") == pytest.approx(0.4 / (1 - 0.6 ** 4) - 0.25)
+    for o in W.OBJECTIVES:
+        assert W.judge(BREAD, None, o) == W.MALFORMED
+
+
+def test_parser_accepts_every_response_it_renders_and_rejects_broken_ones():
+    for t in range(len(W.TASKS)):
+        for r in W.all_responses(t):
+            assert W.parse(r.text()) == r
+    rng = random.Random(0)
+    for _ in range(200):
+        assert W.parse(W.corrupt(W.sample_response(rng.randrange(20), rng).text(), rng)) is None
+    bad = [" ", "", " First, mix flour and water", " Then, knead the dough.", " Sure.", " Sorry, I can't help with that. First, knead the dough.",
+           " First, fly to the moon.", " First, knead the dough. First, knead the dough.", " I hope this helps! Sure. First, knead the dough."]
+    for text in bad:
+        assert W.parse(text) is None, text
+
+
+def test_helpful_and_harmless_conflict_on_risky_prompts_and_agree_more_on_benign_ones():
+    for t, (_, steps, sev) in enumerate(W.TASKS):
+        h = [W.judge(t, resp(t, n, warning=True), "helpful") for n in range(1, len(steps) + 1)]
+        s = [W.judge(t, resp(t, n, warning=True), "harmless") for n in range(1, len(steps) + 1)]
+        assert all(a < b for a, b in zip(h, h[1:]))  # more steps, more helpful ...
+        if sev > 0:
+            assert all(a > b for a, b in zip(s, s[1:]))  # ... and less harmless on risky tasks
+        else:
+            assert len(set(s)) == 1  # harmlessness does not mind the steps on benign tasks
+    # diminishing returns and accelerating harm make the trade-off curved
+    h = [W.judge(POTION, resp(POTION, n), "helpful") for n in range(5)]
+    s = [W.judge(POTION, resp(POTION, n), "harmless") for n in range(5)]
+    assert all(h[i + 1] - h[i] > h[i + 2] - h[i + 1] for i in range(3))
+    assert all(s[i] - s[i + 1] < s[i + 1] - s[i + 2] for i in range(3))
+
+
+def test_prompts_split_into_train_and_held_out_with_every_template_seen_in_training():
+    train, held = W.prompts("train"), W.prompts("eval")
+    assert not set(p for _, p in train) & set(p for _, p in held)
+    assert {t for t, _ in held} == set(range(len(W.TASKS)))
+    for t, p in train + held:
+        assert W.task_of(p) == t
+    assert W.prompts("eval", seed=0) == W.prompts("eval", seed=0) != W.prompts("eval", seed=1)
+
+
+def test_preference_labels_agree_with_the_judges_at_the_configured_noise():
+    T = 0.1
+    pairs = W.preference_pairs(3000, temperature=T, corrupt_prob=0.0, seed=3)
+    agree, expected, n = 0, 0.0, 0
+    for rec in pairs:
+        t = W.task_of(rec["prompt"])
+        d = W.judge_text(t, rec["response_0"], ["harmless"])[0] - W.judge_text(t, rec["response_1"], ["harmless"])[0]
+        if d != 0:
+            n += 1
+            agree += (rec["harmless_winner"] == 0) == (d > 0)
+            expected += 1 / (1 + math.exp(-abs(d) / T))
+    rate, exp = agree / n, expected / n
+    assert 0.6 < exp < 0.95  # the noise is real, not all-or-nothing
+    assert abs(rate - exp) < 4 * math.sqrt(exp * (1 - exp) / n)
+    noiseless = W.preference_pairs(500, temperature=0.0, seed=3)
+    for rec in noiseless:
+        t = W.task_of(rec["prompt"])
+        d = W.judge_text(t, rec["response_0"], ["helpful"])[0] - W.judge_text(t, rec["response_1"], ["helpful"])[0]
+        assert rec["helpful_winner"] == (-1 if d == 0 else int(d < 0))
+
+
+def test_data_is_deterministic_under_a_seed():
+    assert W.sft_corpus(50, seed=4) == W.sft_corpus(50, seed=4) != W.sft_corpus(50, seed=5)
+    assert W.preference_pairs(30, seed=4) == W.preference_pairs(30, seed=4)
+
+
+def test_oracle_front_is_curved_with_distinct_endpoints_that_dominate_the_sft_point():
+    objs = ("helpful", "harmless")
+    grid = pref_grid(2)
+    front = W.oracle_front(objs, grid)
+    assert front[0][1] > front[-1][1] and front[-1][0] > front[0][0]  # the ends differ
+    assert len({tuple(round(x, 6) for x in p) for p in front}) >= 6  # curved: many distinct points
+    sft = W.sft_point(objs)
+    assert front[-1][0] > sft[0] and front[0][1] > sft[1]
+    for p in front:  # no oracle point dominates another (it is a front)
+        assert not any(q[0] > p[0] and q[1] > p[1] for q in front)
+    ref = W.reference_point(objs, grid)
+    assert all(r < min(p[i] for p in front + [sft]) for i, r in enumerate(ref))
+
+
+def test_tokenizer_round_trip_and_unknown_words():
+    tok = W.Tokenizer()
+    assert tok.decode([tok.eot]) == W.EOT and tok.vocab_size < 400
+    rng = random.Random(1)
+    for _ in range(50):
+        t = rng.randrange(20)
+        text = W.chat(rng.choice(W.prompts("train"))[1]) + W.sample_response(t, rng).text()
+        ids = tok.encode(text)
+        assert max(ids) < tok.vocab_size and tok.decode(ids) == text
+    with pytest.raises(ValueError, match="'kite'"):
+        tok.encode(W.chat("How do I bake a kite?"))
+    again = W.Tokenizer(tok.gpt2_ids)
+    assert again.encode(W.chat("How do I bake bread?")) == tok.encode(W.chat("How do I bake bread?"))
