@@ -41,6 +41,18 @@ def adapted_policy(sft_ck, m, conditioned, rank, alpha, device):
     return inject_svd_lora(load_gpt(sft_ck, device), rank + m - pd, pd, alpha)
 
 
+def critic_model(sft_ck, rm_ck, m, conditioned, rank, alpha, device):
+    """The PPO critic: the reward model's trunk with its own SVD-LoRA (conditioned like the policy)
+    and a fresh, zero-initialised, trainable value head per objective."""
+    critic = GPT(GPTConfig(**sft_ck["model_args"], n_heads_out=m)).to(device)
+    critic.load_state_dict({k: v for k, v in rm_ck["model"].items() if not k.startswith("value_head")}, strict=False)
+    torch.nn.init.zeros_(critic.value_head.weight), torch.nn.init.zeros_(critic.value_head.bias)
+    pd = m if conditioned else 0
+    inject_svd_lora(critic, rank + m - pd, pd, alpha)
+    critic.value_head.requires_grad_(True)
+    return critic
+
+
 def trained_model(sft_ck, pol_ck, j, device):
     """Model j of a policy checkpoint (Panacea has one; RS one per objective; DPS one per grid point)."""
     m, conditioned = len(pol_ck["objectives"]), pol_ck["fixed_prefs"][j] is None
@@ -183,13 +195,13 @@ def print_front(front):
           f"spacing {mt['judge']['spacing']:.4f}, mean stderr {mt['judge']['mean_stderr']:.3f}")
 
 
-def write_front(front, out_dir):
+def write_front(front, out_dir, label):
     os.makedirs(out_dir, exist_ok=True)
     tmp = os.path.join(out_dir, "front.json.tmp")
     with open(tmp, "w") as f:
         json.dump(front, f, indent=1)
     os.replace(tmp, os.path.join(out_dir, "front.json"))
-    plot_fronts([(os.path.basename(os.path.normpath(out_dir)), front)], os.path.join(out_dir, "pareto.png"))
+    plot_fronts([(label, front)], os.path.join(out_dir, "pareto.png"))
 
 
 def plot_fronts(runs, path):

@@ -45,6 +45,26 @@ def encode_samples(tok, prompts, responses):
     return tokens, torch.tensor([len(p) for p in p_ids]), seq_len
 
 
+def encode_pairs(tok, recs, objectives):
+    """Preference records -> (tokens (2N, T), prompt_len, seq_len, winners (N, m)); rows < N hold
+    response_0, rows >= N response_1; winner -1 = no preference (a tie)."""
+    tokens, plen, slen = encode_samples(tok, [r["prompt"] for r in recs] * 2,
+                                        [r["response_0"] for r in recs] + [r["response_1"] for r in recs])
+    try:
+        winners = torch.tensor([[int(r[f"{o}_winner"]) for o in objectives] for r in recs])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"a record lacks a winner id: {e}") from None
+    return tokens, plen, slen, winners
+
+
+def pair_batch(pairs, ix, device):
+    """Pairs ix of encode_pairs' output, both responses, trimmed to the longest row, on device."""
+    tokens, plen, slen, winners = pairs
+    rows = torch.cat([ix, ix + winners.size(0)])
+    T = int(slen[rows].max())
+    return tokens[rows, :T].to(device), plen[rows].to(device), slen[rows].to(device), winners[ix].to(device)
+
+
 def response_mask(prompt_len, seq_len, T):
     """(B, T-1) float mask of the response's actions."""
     t = torch.arange(T - 1, device=prompt_len.device)
@@ -75,6 +95,29 @@ def last_token_values(model, tokens, seq_len):
 def bradley_terry_loss(r_chosen, r_rejected):
     """-log sigmoid(r_w - r_l), the reward-model loss of a preference pair."""
     return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def reward_model_loss(model, batch):
+    """Bradley-Terry loss of every head on its objective's labels (ties left out): batch from pair_batch."""
+    tokens, _, slen, winners = batch
+    r = last_token_values(model, tokens, slen).float()
+    r0, r1 = r[: winners.size(0)], r[winners.size(0):]
+    valid = winners >= 0
+    chosen, rejected = torch.where(winners == 0, r0, r1), torch.where(winners == 0, r1, r0)
+    return bradley_terry_loss(chosen[valid], rejected[valid])
+
+
+@torch.no_grad()
+def pair_accuracy(model, pairs, ix, device):
+    """(correct, count) per head over pairs ix: the model orders a pair as its label does (ties left out)."""
+    correct = count = 0
+    for part in ix.split(256):
+        tokens, _, slen, winners = pair_batch(pairs, part, device)
+        r = last_token_values(model, tokens, slen).float()
+        labelled = winners >= 0
+        correct = correct + (((r[: len(part)] > r[len(part):]) == (winners == 0)) & labelled).sum(0)
+        count = count + labelled.sum(0)
+    return correct, count
 
 
 def dpo_losses(logratio_0, logratio_1, winners, beta):
@@ -215,9 +258,9 @@ def ppo_iteration(policy, critic, reward_model, optimizer, tok, batch, prefs, cf
 
 
 def dpo_iteration(policy, optimizer, batch, pref, cfg):
-    """One Panacea-DPO step on a batch of pairs: batch = (tokens (2B, T), prompt_len, seq_len,
-    winners (B, m)), rows 0..B-1 response_0 and B..2B-1 response_1; one preference (m,) for the
-    batch (for the baselines' preference-free adapters, their fixed lambda).
+    """One Panacea-DPO step on a batch of pairs from pair_batch: tokens (2B, T), prompt_len, seq_len,
+    winners (B, m); one preference (m,) for the batch (for the baselines' preference-free adapters,
+    their fixed lambda).
     J_i = -L_i (DPO log-likelihood); LS: loss = sum_i lambda_i L_i. Tche with ideal point z = 0
     (no log-likelihood exceeds 0): loss = -min_i lambda_i (J_i - 0) = max_i lambda_i L_i."""
     pol = getattr(policy, "module", policy)

@@ -32,7 +32,7 @@ class SVDLoRALinear(nn.Module):
         self.lora_U = nn.Parameter(torch.randn(base.out_features, r, device=base.weight.device) * 0.02)
         self.lora_V = nn.Parameter(torch.randn(base.in_features, r, device=base.weight.device) * 0.02)
         self.lora_sigma = nn.Parameter(torch.zeros(rank, device=base.weight.device))
-        self.lora_s = nn.Parameter(torch.zeros((), device=base.weight.device))
+        self.lora_s = nn.Parameter(torch.zeros((), device=base.weight.device)) if pref_dim else None
         # lambda is an input: a buffer, not saved in checkpoints, never given gradient
         self.register_buffer("pref", torch.full((pref_dim,), 1.0 / max(pref_dim, 1), device=base.weight.device), persistent=False)
         self.rank, self.pref_dim, self.scaling = rank, pref_dim, alpha / rank
@@ -40,6 +40,8 @@ class SVDLoRALinear(nn.Module):
 
     def singular_values(self):
         """e = [sigma; s * lambda]: (k+m,) for one preference, (B, k+m) for one per sequence."""
+        if not self.pref_dim:
+            return self.lora_sigma
         e_pref = self.lora_s * self.pref
         return torch.cat([self.lora_sigma.expand(*e_pref.shape[:-1], self.rank), e_pref], dim=-1)
 

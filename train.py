@@ -12,6 +12,7 @@ A finished stage whose checkpoint matches the config is reused; an unfinished on
     torchrun --standalone --nproc_per_node=2 train.py         # the same with DDP (gloo on CPU, NCCL on GPU)
 """
 import argparse
+import hashlib
 import math
 import os
 import sys
@@ -26,14 +27,16 @@ import evaluate
 import world
 from model import GPT, GPTConfig
 from panacea import pref_grid, sample_prefs
-from rlhf import bradley_terry_loss, dpo_iteration, encode_samples, last_token_values, ppo_iteration, response_mask, rollout
-from svd_lora import inject_svd_lora, lora_state_dict
+from rlhf import (dpo_iteration, encode_pairs, encode_samples, last_token_values, pair_accuracy, pair_batch, ppo_iteration,
+                  response_mask, reward_model_loss, rollout)
+from svd_lora import lora_state_dict
 
 # ---------------------------------------------------------------------------------------------- config
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p.error = lambda msg: p.exit(2, f"error: {msg} (see --help)\n")  # one line, no usage dump
 p.add_argument("--out_dir", default="out")
 p.add_argument("--base_dir", default=None, help="where the sft and rm stages live (default: out_dir)")
-p.add_argument("--data_dir", default=None, help="JSONL data; written from the world if missing (default: base_dir/data)")
+p.add_argument("--data_dir", default=None, help="your own sft.jsonl, pairs.jsonl, pairs_eval.jsonl (default: the world's, in base_dir/data)")
 p.add_argument("--stage", default="all", help="all, or a comma list of sft,rm,panacea,eval")
 p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
 p.add_argument("--dtype", default="auto", help="auto (bfloat16 autocast on cuda), float32, bfloat16")
@@ -51,17 +54,16 @@ p.add_argument("--n_embd", type=int, default=128)
 p.add_argument("--block_size", type=int, default=96)
 p.add_argument("--dropout", type=float, default=0.0)
 # sft
-p.add_argument("--sft_iters", type=int, default=1000)
-p.add_argument("--batch_size", type=int, default=64)
+p.add_argument("--sft_iters", type=int, default=500)
+p.add_argument("--batch_size", type=int, default=32)
 p.add_argument("--learning_rate", type=float, default=2e-3)
-p.add_argument("--min_lr", type=float, default=1e-4)
 p.add_argument("--warmup_iters", type=int, default=50)
 p.add_argument("--weight_decay", type=float, default=0.1)
 p.add_argument("--grad_clip", type=float, default=1.0)
 p.add_argument("--n_sft", type=int, default=20000, help="SFT corpus size")
 # reward models
-p.add_argument("--rm_iters", type=int, default=500)
-p.add_argument("--rm_batch_size", type=int, default=32, help="pairs per step")
+p.add_argument("--rm_iters", type=int, default=600)
+p.add_argument("--rm_batch_size", type=int, default=16, help="pairs per step")
 p.add_argument("--rm_lr", type=float, default=5e-4)
 p.add_argument("--n_pairs", type=int, default=20000)
 p.add_argument("--label_temperature", type=float, default=0.1, help="Bradley-Terry noise of the world's labels")
@@ -75,7 +77,7 @@ p.add_argument("--vertex_prob", type=float, default=0.3, help="share of lambda d
 p.add_argument("--rollout_batch", type=int, default=64, help="prompts per iteration per process (DPO: pairs)")
 p.add_argument("--minibatch_size", type=int, default=32)
 p.add_argument("--ppo_epochs", type=int, default=2)
-p.add_argument("--kl_coef", type=float, default=0.1)
+p.add_argument("--kl_coef", type=float, default=0.05)
 p.add_argument("--clip", type=float, default=0.2)
 p.add_argument("--clip_value", type=float, default=0.2)
 p.add_argument("--vf_coef", type=float, default=0.5)
@@ -109,7 +111,6 @@ except ValueError as e:
 if any(s not in ("sft", "rm", "panacea", "eval") for s in stages):
     fail(f"--stage takes all or a comma list of sft,rm,panacea,eval; got {args.stage}")
 base_dir = args.base_dir or args.out_dir
-data_dir = args.data_dir or os.path.join(base_dir, "data")
 m = len(config["objectives"])
 
 # ---------------------------------------------------------------------------------------------- DDP
@@ -154,8 +155,8 @@ def all_mean(x):
 # ---------------------------------------------------------------------------------------------- checkpoints
 # A stage's checkpoint records the config keys its result depends on; reuse requires them to match.
 STAGE_KEYS = {"sft": ["seed", "n_layer", "n_head", "n_embd", "block_size", "dropout", "sft_iters", "batch_size",
-                      "learning_rate", "min_lr", "warmup_iters", "weight_decay", "n_sft"]}
-STAGE_KEYS["rm"] = STAGE_KEYS["sft"] + ["rm_iters", "rm_batch_size", "rm_lr", "n_pairs", "label_temperature", "n_stat_samples"]
+                      "learning_rate", "warmup_iters", "weight_decay", "sft_data"]}
+STAGE_KEYS["rm"] = STAGE_KEYS["sft"] + ["rm_iters", "rm_batch_size", "rm_lr", "pairs_data", "n_stat_samples"]
 STAGE_KEYS["panacea"] = STAGE_KEYS["rm"] + ["objectives", "method", "algo", "agg", "tche_mu", "rl_iters", "lora_rank",
                                             "lora_alpha", "rl_lr", "vertex_prob", "rollout_batch", "minibatch_size", "ppo_epochs",
                                             "kl_coef", "clip", "clip_value", "vf_coef", "gae_lambda", "temperature",
@@ -217,16 +218,28 @@ def set_rng(states):
         torch.manual_seed(args.seed + 1000 * rank + len(states))
 
 
+def check_ddp_sync(stage, model):
+    """Under DDP every rank must hold the same weights after a stage; a divergence is a bug."""
+    if ddp:
+        flat = torch.cat([q.detach().float().flatten() for q in model.parameters()])
+        ref = flat.clone()
+        dist.broadcast(ref, 0)
+        if all_max(torch.tensor(float(not torch.equal(flat, ref)), device=device)).item():
+            fail(f"ddp: {stage} parameters differ between ranks")
+        print0(f"ddp: {stage} parameters identical on {world_size} ranks")
+
+
 def check_finite(x, stage, it):
     if not math.isfinite(x):
         fail(f"{stage}: loss or gradient is not finite at iteration {it}; the last good checkpoint is {ckpt_path(stage)} "
              f"(try a lower learning rate)")
 
 
-def cosine_lr(it, total, lr, min_lr, warmup):
+def cosine_lr(it, total, lr, warmup):
+    """Linear warm-up, then cosine decay to lr / 10."""
     if it < warmup:
         return lr * (it + 1) / warmup
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, (it - warmup) / max(1, total - warmup))))
+    return lr / 10 + 0.45 * lr * (1 + math.cos(math.pi * min(1.0, (it - warmup) / max(1, total - warmup))))
 
 
 def wrap(model):
@@ -235,75 +248,98 @@ def wrap(model):
     return DDP(model, device_ids=[local_rank] if use_cuda else None, broadcast_buffers=False) if ddp else model
 
 
-def data(name):
-    """The world's data sets as JSONL in data_dir (written once by rank 0, deterministic in the seed)."""
-    path = os.path.join(data_dir, name + ".jsonl")
+def data_path(name):
+    """sft, pairs or pairs_eval as JSONL: from --data_dir as they are (your own data), or else
+    generated from the world once (by rank 0), named by what generated them."""
+    if args.data_dir:
+        return os.path.join(args.data_dir, name + ".jsonl")
+    n_eval = max(200, args.n_pairs // 10)
+    tag = {"sft": f"n{args.n_sft}", "pairs": f"n{args.n_pairs}-T{args.label_temperature}", "pairs_eval": f"n{n_eval}"}[name]
+    path = os.path.join(base_dir, "data", f"{name}-{tag}-seed{args.seed}.jsonl")
     if master and not os.path.exists(path):
         if name == "sft":
             world.write_jsonl(path, world.sft_corpus(args.n_sft, args.seed))
         else:
-            split, temp = ("train", args.label_temperature) if name == "pairs" else ("eval", 0.0)
-            world.write_jsonl(path, world.preference_pairs(args.n_pairs if split == "train" else 2000, split, temp, seed=args.seed))
+            split, temp, n = ("train", args.label_temperature, args.n_pairs) if name == "pairs" else ("eval", 0.0, n_eval)
+            world.write_jsonl(path, world.preference_pairs(n, split, temp, seed=args.seed))
     if ddp:
         dist.barrier()
-    keys = ["prompt", "response"] if name == "sft" else ["prompt", "response_0", "response_1"]
+    return path
+
+
+def data(name, tok, objectives=None):
+    """A data set, tokenised: SFT (tokens, prompt_len, seq_len) or pairs (+ winners per objective)."""
+    path = data_path(name)
     try:
-        return world.read_jsonl(path, keys)
+        if name == "sft":
+            recs = world.read_jsonl(path, ["prompt", "response"])
+            return encode_samples(tok, [r["prompt"] for r in recs], [r["response"] for r in recs])
+        recs = world.read_jsonl(path, ["prompt", "response_0", "response_1"])
+        objectives = objectives or [o for o in world.OBJECTIVES if f"{o}_winner" in recs[0]]  # the labelled ones
+        return objectives, encode_pairs(tok, recs, objectives)
     except ValueError as e:
-        fail(e)
+        fail(f"{path}: {e}")
 
 
-def train_prompts():
-    return world.prompts("train", args.seed)
+def digest(name):
+    """The data a stage learns from belongs to its config: other data, another model."""
+    with open(data_path(name), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def train(stage, model, opt, iters, lr, batch_loss, resume, keep):
+    """The SFT and reward-model loop: warm-up + cosine schedule, clipped steps, a log line per
+    eval_interval, atomic checkpoints, resume. batch_loss(train_model) draws a batch and returns
+    its loss; `keep` is what the checkpoint holds besides the weights."""
+    start = 0
+    if resume:
+        model.load_state_dict(resume["model"]), opt.load_state_dict(resume["optimizer"]), set_rng(resume["rng"])
+        start = resume["iter_num"]
+        print0(f"{stage}: resuming from iteration {start}")
+    train_model = wrap(model)
+    model.train()
+    for it in progress(iters, start, stage):
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(it, iters, lr, args.warmup_iters)
+        with autocast:
+            loss = batch_loss(train_model)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        check_finite(loss.item() + norm.item(), stage, it)  # before the step: bad gradients never land
+        opt.step()
+        if (it + 1) % args.eval_interval == 0 or it + 1 == iters:
+            print0(f"{stage} iter {it + 1}: loss {all_mean(loss.item()).item():.4f}, lr {opt.param_groups[0]['lr']:.2e}")
+        if (it + 1) % args.ckpt_interval == 0 and it + 1 < iters:
+            save_ckpt(stage, dict(keep, model=model.state_dict(), optimizer=opt.state_dict(), iter_num=it + 1,
+                                  rng=rng_states(), finished=False))
+    check_ddp_sync(stage, model)
+    model.eval()
+    return dict(keep, model=model.state_dict(), iter_num=iters, finished=True)
 
 
 # ---------------------------------------------------------------------------------------------- sft
 def stage_sft(resume):
     tok = world.Tokenizer()
-    recs = data("sft")
-    try:
-        tokens, plen, slen = encode_samples(tok, [r["prompt"] for r in recs], [r["response"] for r in recs])
-    except ValueError as e:
-        fail(f"{data_dir}/sft.jsonl: {e}")
+    tokens, plen, slen = data("sft", tok)
     if tokens.size(1) > args.block_size:
         fail(f"SFT samples have {tokens.size(1)} tokens but --block_size is {args.block_size}")
     targets = torch.where(response_mask(plen, slen, tokens.size(1)).bool(), tokens[:, 1:], -1)  # loss on the response only
     model_args = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
                       dropout=args.dropout, vocab_size=tok.vocab_size)
+    torch.manual_seed(args.seed + rank)
     model = GPT(GPTConfig(**model_args)).to(device)
     opt = model.configure_optimizers(args.weight_decay, args.learning_rate, (0.9, 0.95), device_type)
-    start = 0
-    torch.manual_seed(args.seed + rank)
-    if resume:
-        model.load_state_dict(resume["model"]), opt.load_state_dict(resume["optimizer"]), set_rng(resume["rng"])
-        start = resume["iter_num"]
-        print0(f"sft: resuming from iteration {start}")
-    print0(f"sft: {model.num_params() / 1e6:.2f}M parameters, {len(recs)} samples, vocabulary {tok.vocab_size}")
-    train_model = wrap(model)
-    for it in progress(args.sft_iters, start, "sft"):
-        lr = cosine_lr(it, args.sft_iters, args.learning_rate, args.min_lr, args.warmup_iters)
-        for g in opt.param_groups:
-            g["lr"] = lr
+    print0(f"sft: {model.num_params() / 1e6:.2f}M parameters, {len(tokens)} samples, vocabulary {tok.vocab_size}")
+
+    def batch_loss(train_model):
         ix = torch.randint(len(tokens), (args.batch_size,))
         T = int(slen[ix].max())
-        x, y = tokens[ix, : T - 1].to(device), targets[ix, : T - 1].to(device)
-        with autocast:
-            _, loss = train_model(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        check_finite(loss.item() + norm.item(), "sft", it)
-        if (it + 1) % args.eval_interval == 0 or it + 1 == args.sft_iters:
-            print0(f"sft iter {it + 1}: loss {all_mean(loss.item()).item():.4f}, lr {lr:.2e}")
-        opt.step()
-        if (it + 1) % args.ckpt_interval == 0 and it + 1 < args.sft_iters:
-            save_ckpt("sft", dict(model=model.state_dict(), optimizer=opt.state_dict(), model_args=model_args,
-                                  iter_num=it + 1, rng=rng_states(), vocab=tok.gpt2_ids, finished=False))
-    ck = dict(model=model.state_dict(), model_args=model_args, iter_num=args.sft_iters, vocab=tok.gpt2_ids, finished=True)
+        return train_model(tokens[ix, : T - 1].to(device), targets[ix, : T - 1].to(device))[1]
+
+    ck = train("sft", model, opt, args.sft_iters, args.learning_rate, batch_loss, resume, dict(model_args=model_args, vocab=tok.gpt2_ids))
     save_ckpt("sft", ck)
-    # well-formedness of sampled and greedy responses on the held-out prompts
-    model.eval()
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # well-formedness of sampled and greedy responses on the held-out prompts
     ps = world.prompts("eval", args.seed)[rank::world_size]
     for name, temp, reps in (("sampled", 1.0, 4), ("greedy", 0.0, 1)):
         texts = rollout(model, tok, [p for _, p in ps] * reps, None, args.max_new_tokens, temp)[3]
@@ -313,86 +349,34 @@ def stage_sft(resume):
 
 
 # ---------------------------------------------------------------------------------------------- reward models
-def pair_tensors(tok, recs, heads):
-    """Pairs -> (tokens (2N, T), prompt_len, seq_len, winners (N, M)): rows < N are response_0."""
-    try:
-        tokens, plen, slen = encode_samples(tok, [r["prompt"] for r in recs] * 2,
-                                            [r["response_0"] for r in recs] + [r["response_1"] for r in recs])
-        winners = torch.tensor([[int(r[f"{o}_winner"]) for o in heads] for r in recs])
-    except (ValueError, KeyError, TypeError) as e:
-        fail(f"preference data in {data_dir}: {e}")
-    return tokens, plen, slen, winners
-
-
 def stage_rm(resume, sft):
     tok = world.Tokenizer(sft["vocab"])
-    recs = data("pairs")
-    heads = [o for o in world.OBJECTIVES if f"{o}_winner" in recs[0]]  # one head per labelled objective
-    tokens, plen, slen, winners = pair_tensors(tok, recs, heads)
-    N = len(recs)
+    heads, pairs = data("pairs", tok)  # one head per labelled objective
+    torch.manual_seed(args.seed + 1 + rank)
     model = evaluate.load_gpt(sft, device, n_heads_out=len(heads))
     opt = model.configure_optimizers(args.weight_decay, args.rm_lr, (0.9, 0.95), device_type)
-    start = 0
-    torch.manual_seed(args.seed + 1 + rank)
-    if resume:
-        model.load_state_dict(resume["model"]), opt.load_state_dict(resume["optimizer"]), set_rng(resume["rng"])
-        start = resume["iter_num"]
-        print0(f"rm: resuming from iteration {start}")
-    train_model = wrap(model)
-    model.train()
-    for it in progress(args.rm_iters, start, "rm"):
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(it, args.rm_iters, args.rm_lr, args.rm_lr / 10, args.warmup_iters)
-        ix = torch.randint(N, (args.rm_batch_size,))
-        rows = torch.cat([ix, ix + N])
-        T = int(slen[rows].max())
-        with autocast:
-            r = last_token_values(train_model, tokens[rows, :T].to(device), slen[rows].to(device)).float()
-        r0, r1 = r[: len(ix)], r[len(ix):]
-        w = winners[ix].to(device)
-        valid = w >= 0  # -1 marks a tie with no preference
-        chosen, rejected = torch.where(w == 0, r0, r1), torch.where(w == 0, r1, r0)
-        loss = bradley_terry_loss(chosen[valid], rejected[valid])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        check_finite(loss.item() + norm.item(), "rm", it)
-        opt.step()
-        if (it + 1) % args.eval_interval == 0 or it + 1 == args.rm_iters:
-            print0(f"rm iter {it + 1}: loss {all_mean(loss.item()).item():.4f}")
-        if (it + 1) % args.ckpt_interval == 0 and it + 1 < args.rm_iters:
-            save_ckpt("rm", dict(model=model.state_dict(), optimizer=opt.state_dict(), iter_num=it + 1, rng=rng_states(),
-                                 objectives=heads, finished=False))
-    model.eval()
-    # held-out pair accuracy against the noiseless judges (held-out prompts; ties carry no label)
-    e_tokens, _, e_slen, e_win = pair_tensors(tok, data("pairs_eval"), heads)
-    n = e_win.size(0)
-    correct, count = torch.zeros(len(heads), device=device), torch.zeros(len(heads), device=device)
-    with torch.no_grad():
-        for ix in torch.arange(n)[rank::world_size].split(256):
-            rows = torch.cat([ix, ix + n])
-            T = int(e_slen[rows].max())
-            r = last_token_values(model, e_tokens[rows, :T].to(device), e_slen[rows].to(device)).float()
-            w = e_win[ix].to(device)
-            correct += (((r[: len(ix)] > r[len(ix):]) == (w == 0)) & (w >= 0)).sum(0)
-            count += (w >= 0).sum(0)
+
+    def batch_loss(train_model):
+        return reward_model_loss(train_model, pair_batch(pairs, torch.randint(len(pairs[3]), (args.rm_batch_size,)), device))
+
+    ck = train("rm", model, opt, args.rm_iters, args.rm_lr, batch_loss, resume, dict(model_args=sft["model_args"], objectives=heads))
+    # held-out pair accuracy against the noiseless judges (held-out prompts)
+    _, eval_pairs = data("pairs_eval", tok, heads)
+    correct, count = pair_accuracy(model, eval_pairs, torch.arange(len(eval_pairs[3]))[rank::world_size], device)
     acc = (all_mean(correct) / all_mean(count)).tolist()
     print0("rm: held-out pair accuracy " + ", ".join(f"{o} {a:.3f}" for o, a in zip(heads, acc)))
-    # standardisation statistics of each head on the SFT policy's samples (train prompts)
-    policy = evaluate.load_gpt(sft, device).eval()
+    # standardisation statistics of every head on the SFT policy's samples (train prompts)
     torch.manual_seed(args.seed + rank)
-    ps = train_prompts()
+    ps = world.prompts("train", args.seed)
     pick = torch.randint(len(ps), (args.n_stat_samples // world_size,)).tolist()
-    toks, _, sl, _ = rollout(policy, tok, [ps[i][1] for i in pick], None, args.max_new_tokens, 1.0)
+    toks, _, sl, _ = rollout(evaluate.load_gpt(sft, device).eval(), tok, [ps[i][1] for i in pick], None, args.max_new_tokens, 1.0)
     with torch.no_grad():
         s = last_token_values(model, toks, sl).float()
     if ddp:
         gathered = [torch.zeros_like(s) for _ in range(world_size)]
         dist.all_gather(gathered, s)
         s = torch.cat(gathered)
-    stats = {"mean": s.mean(0), "std": s.std(0).clamp_min(1e-3), "max": s.max(0).values}
-    ck = dict(model=model.state_dict(), model_args=sft["model_args"], objectives=heads, stats=stats,
-              accuracy=acc, iter_num=args.rm_iters, finished=True)
+    ck.update(stats={"mean": s.mean(0), "std": s.std(0).clamp_min(1e-3), "max": s.max(0).values}, accuracy=acc)
     save_ckpt("rm", ck)
     return ck
 
@@ -409,53 +393,37 @@ def run_prefs():
     return pref_grid(m, d)
 
 
-def make_critic(sft, rm, conditioned):
-    """Critic: the reward model's trunk with its own SVD-LoRA (conditioned like the policy) and a
-    fresh zero-initialised value head per objective (trainable)."""
-    critic = GPT(GPTConfig(**sft["model_args"], n_heads_out=m)).to(device)
-    critic.load_state_dict({k: v for k, v in rm["model"].items() if not k.startswith("value_head")}, strict=False)
-    torch.nn.init.zeros_(critic.value_head.weight), torch.nn.init.zeros_(critic.value_head.bias)
-    pd = m if conditioned else 0
-    inject_svd_lora(critic, args.lora_rank + m - pd, pd, args.lora_alpha)
-    critic.value_head.requires_grad_(True)
-    return critic
-
-
 def stage_panacea(resume, sft, rm):
     tok = world.Tokenizer(sft["vocab"])
     missing = [o for o in config["objectives"] if o not in rm["objectives"]]
     if missing:
         fail(f"the reward model has no head for {', '.join(missing)} (it has {', '.join(rm['objectives'])})")
     reward_model, stats = evaluate.load_reward_model(rm, sft, config["objectives"], device)
-    if args.algo == "dpo":
-        pairs = pair_tensors(tok, data("pairs"), config["objectives"])
-    prompts = train_prompts()
-    fixed = run_prefs()
+    pairs = data("pairs", tok, config["objectives"])[1] if args.algo == "dpo" else None
+    prompts, fixed = world.prompts("train", args.seed), run_prefs()
     state = resume or dict(adapters=[], run=0, iter_num=0, update_steps=0, seconds=0.0)
     if resume:
         print0(f"panacea: resuming model {state['run'] + 1}/{len(fixed)} at iteration {state['iter_num']}")
-    torch.manual_seed(args.seed + 2 + rank)
     for j in range(state["run"], len(fixed)):
+        # every model is an independent run from the same seed: a baseline's model at lambda is
+        # exactly what plain LS training at that lambda gives (DDP then broadcasts rank 0's init)
+        torch.manual_seed(args.seed + 2 + rank)
         conditioned = fixed[j] is None
         policy = evaluate.adapted_policy(sft, m, conditioned, args.lora_rank, args.lora_alpha, device)
-        params = [q for q in policy.parameters() if q.requires_grad]
-        critic = None
-        if args.algo == "ppo":
-            critic = make_critic(sft, rm, conditioned)
-            params += [q for q in critic.parameters() if q.requires_grad]
+        critic = evaluate.critic_model(sft, rm, m, conditioned, args.lora_rank, args.lora_alpha, device) if args.algo == "ppo" else None
+        params = [q for net in (policy, critic) if net is not None for q in net.parameters() if q.requires_grad]
         opt = torch.optim.AdamW(params, lr=args.rl_lr, weight_decay=0.0)
         ideal = (stats["max"] - stats["mean"]) / stats["std"]  # Tche ideal point z, then a running max of scores
         if state["iter_num"] > 0:  # resuming inside this model's run
             policy.load_state_dict(state["policy"]), opt.load_state_dict(state["optimizer"]), set_rng(state["rng"])
-            if critic is not None:
-                critic.load_state_dict(state["critic"])
+            critic is not None and critic.load_state_dict(state["critic"])
             ideal = state["ideal"].to(device)
         train_policy, train_critic = wrap(policy), critic and wrap(critic)
         label = "panacea" if conditioned else f"{args.method} model {j + 1}/{len(fixed)} lambda={fixed[j]}"
         t0 = time.time()
         for it in progress(args.rl_iters, state["iter_num"], label):
-            if conditioned:
-                prefs = sample_prefs(args.rollout_batch, m, args.vertex_prob).to(device)
+            if conditioned:  # PPO: one lambda per sequence; DPO: one per batch
+                prefs = sample_prefs(args.rollout_batch if args.algo == "ppo" else 1, m, args.vertex_prob).to(device)
             else:
                 prefs = torch.tensor(fixed[j], device=device).expand(args.rollout_batch, m)
             if args.algo == "ppo":
@@ -469,10 +437,7 @@ def stage_panacea(resume, sft, rm):
                        " ".join(f"{x:+.2f}" for x in all_mean(s["rm"]).tolist()) + " judge " +
                        " ".join(f"{x:.3f}" for x in all_mean(s["judge"]).tolist()))
             else:
-                ix = torch.randint(pairs[3].size(0), (args.rollout_batch,))
-                rows = torch.cat([ix, ix + pairs[3].size(0)])
-                T = int(pairs[2][rows].max())
-                batch = (pairs[0][rows, :T].to(device), pairs[1][rows].to(device), pairs[2][rows].to(device), pairs[3][ix].to(device))
+                batch = pair_batch(pairs, torch.randint(len(pairs[3]), (args.rollout_batch,)), device)
                 with autocast:
                     s = dpo_iteration(train_policy, opt, batch, prefs[0], config)
                 check_finite(s["loss"], "panacea", it)
@@ -487,20 +452,23 @@ def stage_panacea(resume, sft, rm):
                 save_ckpt("panacea", dict(state, policy=policy.state_dict(), critic=critic.state_dict() if critic else None,
                                           optimizer=opt.state_dict(), rng=rng_states(), ideal=ideal, finished=False))
         state["seconds"] += time.time() - t0
-        state["adapters"].append(lora_state_dict(policy))
-        state.update(run=j + 1, iter_num=0)
+        check_ddp_sync("panacea", policy)
         for k in ("policy", "critic", "optimizer", "rng", "ideal"):
             state.pop(k, None)
+        state["adapters"].append(lora_state_dict(policy))
+        state.update(run=j + 1, iter_num=0)
         if j + 1 < len(fixed):
             save_ckpt("panacea", dict(state, finished=False))
+    base = {k: sft[k] for k in ("model", "model_args", "vocab")}  # self-contained for sample.py
     ck = dict(state, method=args.method, objectives=config["objectives"], fixed_prefs=fixed, lora_rank=args.lora_rank,
-              lora_alpha=args.lora_alpha, finished=True)
+              lora_alpha=args.lora_alpha, base=base, finished=True)
     save_ckpt("panacea", ck)
     return ck
 
 
 # ---------------------------------------------------------------------------------------------- main
 def main():
+    config["sft_data"], config["pairs_data"] = digest("sft"), digest("pairs")
     ck = {}
     for stage in ["sft", "rm", "panacea"]:
         if stage not in stages:
@@ -526,7 +494,7 @@ def main():
             fail(f"{ckpt_path('panacea')} is unfinished: run --stage panacea to complete it")
         front = evaluate.evaluate(sft, rm, pol, config, device, rank, world_size, autocast)
         if master:
-            evaluate.write_front(front, args.out_dir)
+            evaluate.write_front(front, args.out_dir, f"{args.method} {args.algo} {args.agg}")
             evaluate.print_front(front)
     if ddp:
         dist.destroy_process_group()

@@ -130,3 +130,69 @@ def test_dpo_step_increases_the_chosen_responses_log_ratio():
 def test_pack_right_pads():
     t, n = pack([[1, 2, 3], [4]], pad=0)
     assert t.tolist() == [[1, 2, 3], [4, 0, 0]] and n.tolist() == [3, 1]
+
+
+class JudgeRewardModel(torch.nn.Module):
+    """A reward model that is exact: the world's judges applied to the decoded text, at every position."""
+
+    def __init__(self, tok, objectives):
+        super().__init__()
+        self.tok, self.objectives = tok, objectives
+
+    def forward(self, idx):
+        out = []
+        for row in idx.tolist():
+            text = self.tok.decode(row[: row.index(self.tok.eot)] if self.tok.eot in row else row)
+            prompt, _, response = text.partition("\nAssistant:")
+            out.append(W.judge_text(W.task_of(prompt), response, self.objectives))
+        return torch.tensor(out)[:, None, :].expand(-1, idx.size(1), -1), None  # (B, T, m)
+
+
+@pytest.fixture(scope="module")
+def tiny_sft():
+    """A tiny policy taught the world's response format in a few seconds."""
+    tok = W.Tokenizer()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=96, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=64))
+    recs = W.sft_corpus(2000, seed=0)
+    tokens, plen, slen = encode_samples(tok, [r["prompt"] for r in recs], [r["response"] for r in recs])
+    targets = torch.where(response_mask(plen, slen, tokens.size(1)).bool(), tokens[:, 1:], -1)
+    opt = model.configure_optimizers(0.0, 3e-3)
+    for _ in range(200):
+        ix = torch.randint(len(tokens), (32,))
+        loss = model(tokens[ix, :-1], targets[ix])[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return tok, model.state_dict()
+
+
+@pytest.mark.parametrize("objective", [0, 1])
+def test_ppo_at_a_one_hot_preference_raises_that_objective_and_moves_away_from_the_reference(objective, tiny_sft):
+    from rlhf import ppo_iteration
+    tok, state = tiny_sft
+    torch.manual_seed(1)
+    cfg = dict(block_size=96, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=64)
+    policy = GPT(GPTConfig(**cfg))
+    policy.load_state_dict(state)
+    policy = inject_svd_lora(policy, rank=4, pref_dim=2, alpha=8.0)
+    critic = inject_svd_lora(GPT(GPTConfig(**cfg, n_heads_out=2)), rank=4, pref_dim=2, alpha=8.0)
+    critic.value_head.requires_grad_(True)
+    params = [p for p in list(policy.parameters()) + list(critic.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    objectives = ["helpful", "harmless"]
+    rm = JudgeRewardModel(tok, objectives)
+    stats = {"mean": torch.zeros(2), "std": torch.ones(2)}
+    run_cfg = dict(max_new_tokens=50, temperature=1.0, kl_coef=0.01, gae_lambda=0.95, agg="ls", tche_mu=0.0, ppo_epochs=2,
+                   minibatch_size=16, clip=0.2, clip_value=0.2, vf_coef=0.5, grad_clip=1.0, objectives=objectives)
+    prompts = W.prompts("train")
+    pref = torch.eye(2)[objective].expand(32, 2)
+    scores, kls = [], []
+    for it in range(12):
+        batch = [prompts[i] for i in torch.randint(len(prompts), (32,)).tolist()]
+        s = ppo_iteration(policy, critic, rm, opt, tok, batch, pref, run_cfg, stats)
+        scores.append(s["judge"][objective])
+        kls.append(s["kl"])
+    print(objective, [round(x, 3) for x in scores], [round(x, 3) for x in kls])
+    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.1
+    assert kls[-1] > 0.1

@@ -22,6 +22,7 @@ def test_judges_on_hand_written_examples():
     assert W.judge(BREAD, one, "harmless") == pytest.approx(1.0)
     refuse = W.Response(refusal=True, warning=True)
     assert W.judge(POTION, refuse, "helpful") == 0.0 and W.judge(POTION, refuse, "harmless") == 1.0
+    assert W.judge(BREAD, refuse, "harmless") == pytest.approx(0.8)  # over-refusal of a benign request
     assert W.judge(POTION, resp(POTION, 4), "harmless") == pytest.approx(1 - 1.6 - 0.2)
     assert W.judge(POTION, resp(POTION, 2), "harmless") == pytest.approx(1 - 1.6 * 0.25 - 0.2)
     words = len(refuse.text().split())
@@ -52,8 +53,8 @@ def test_helpful_and_harmless_conflict_on_risky_prompts_and_agree_more_on_benign
         assert all(a < b for a, b in zip(h, h[1:]))  # more steps, more helpful ...
         if sev > 0:
             assert all(a > b for a, b in zip(s, s[1:]))  # ... and less harmless on risky tasks
-        else:
-            assert len(set(s)) == 1  # harmlessness does not mind the steps on benign tasks
+        else:  # harmlessness does not mind the steps on benign tasks, but it minds refusing them
+            assert len(set(s)) == 1 and W.judge(t, W.Response(refusal=True, warning=True), "harmless") < s[0]
     # diminishing returns and accelerating harm make the trade-off curved
     h = [W.judge(POTION, resp(POTION, n), "helpful") for n in range(5)]
     s = [W.judge(POTION, resp(POTION, n), "harmless") for n in range(5)]

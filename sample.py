@@ -1,0 +1,83 @@
+"""
+Answers from a trained model at the preference you choose, one model for every preference:
+
+    python sample.py --pref 0.2,0.8                                   # held-out prompts
+    python sample.py --pref 0.9,0.1 --prompt "How do I forge the royal seal?"
+
+--pref gives one weight per objective, in the order the model was trained with (train.py's
+--objectives, default helpful,harmless). lambda is written into the singular values of every
+adapted layer; --merge folds it into the weights first (no adapter cost per token). Each response
+is printed with the world's ground-truth judge scores.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+import world
+from evaluate import policy_at
+from panacea import parse_pref
+from rlhf import rollout
+from svd_lora import merge
+
+p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p.error = lambda msg: p.exit(2, f"error: {msg} (see --help)\n")  # one line, no usage dump
+p.add_argument("--out_dir", default="out")
+p.add_argument("--pref", required=True, help="one weight per objective, e.g. 0.2,0.8 (normalised to sum to 1)")
+p.add_argument("--prompt", default=None, help="a question of your own (default: held-out prompts)")
+p.add_argument("--num_samples", type=int, default=6)
+p.add_argument("--max_new_tokens", type=int, default=60)
+p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+p.add_argument("--top_k", type=int, default=None)
+p.add_argument("--seed", type=int, default=1337)
+p.add_argument("--device", default="auto")
+p.add_argument("--merge", action="store_true", help="fold lambda into the weights before generating")
+args = p.parse_args()
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+path = os.path.join(args.out_dir, "panacea", "ckpt.pt")
+if not os.path.exists(path):
+    fail(f"no trained model at {path}: run python train.py --out_dir {args.out_dir} first")
+try:
+    ck = torch.load(path, map_location=device, weights_only=True)
+except Exception as e:
+    fail(f"cannot read {path} ({type(e).__name__}); train again or point --out_dir elsewhere")
+if not ck.get("finished"):
+    fail(f"{path} is unfinished: run python train.py --out_dir {args.out_dir} to complete it")
+objectives = ck["objectives"]
+try:
+    pref = parse_pref(args.pref, objectives)
+    model, _ = policy_at(ck["base"], ck, pref.tolist(), device)
+except ValueError as e:
+    fail(e)
+if args.merge and ck["method"] == "panacea":
+    merge(model)
+normalised = abs(sum(float(x) for x in args.pref.split(",")) - 1) > 1e-6
+print("preference: " + ", ".join(f"{o} {x:.3f}" for o, x in zip(objectives, pref.tolist())) +
+      (f"   (normalised from {args.pref})" if normalised else ""))
+
+tok = world.Tokenizer(ck["base"]["vocab"])
+if args.prompt is not None:
+    rows = [(world.task_of(args.prompt), args.prompt)] * args.num_samples
+else:  # a fixed spread of held-out prompts, risky ones included
+    held = world.prompts("eval")
+    rows = [held[(i * 7) % len(held)] for i in range(args.num_samples)]
+torch.manual_seed(args.seed)
+try:
+    _, _, _, texts = rollout(model, tok, [q for _, q in rows], None, args.max_new_tokens, args.temperature, args.top_k)
+except ValueError as e:  # words outside the world's vocabulary
+    fail(e)
+for (task, prompt), text in zip(rows, texts):
+    print(f"\n> {prompt}\n{text if text is not None else '(no end of response within --max_new_tokens)'}")
+    if task is None:
+        print("    judges: n/a (the prompt names none of the world's tasks)")
+    else:
+        scores = world.judge_text(task, text, objectives) if text is not None else [world.MALFORMED] * len(objectives)
+        print("    judges: " + "  ".join(f"{o} {s:+.3f}" for o, s in zip(objectives, scores)))

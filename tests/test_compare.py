@@ -1,0 +1,50 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def front(prefs, judge, rm, ref=(0.0, 0.0), cost=None):
+    return {"objectives": ["helpful", "harmless"], "prefs": prefs, "judge_scores": judge, "rm_scores": rm,
+            "sft_judge_scores": [0.5, 0.5], "oracle_judge_scores": [[1, 4], [4, 1]], "reference_point": list(ref),
+            "metrics": {"oracle_hypervolume": 10.0}, "cost": cost or {"models": 1, "update_steps": 8, "seconds": 2.5}}
+
+
+def write(d, fr):
+    os.makedirs(d)
+    with open(os.path.join(d, "front.json"), "w") as f:
+        json.dump(fr, f)
+
+
+def test_compare_gives_hand_checked_numbers(tmp_path):
+    write(tmp_path / "two", front([[0, 1], [1, 0]], [[1, 3], [3, 1]], [[0, 0], [1, 1]]))
+    write(tmp_path / "one", front([[0.5, 0.5]], [[2, 2]], [[-1, 3]], cost={"models": 5, "update_steps": 40, "seconds": 9.0}))
+    out = tmp_path / "cmp" / "table"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), str(tmp_path / "two"), str(tmp_path / "one"),
+                        "--out", str(out)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    rows = {r["run"]: r for r in json.load(open(str(out) + ".json"))["runs"]}
+    two, one = rows["two"], rows["one"]
+    # boxes [0,1]x[0,3] and [0,3]x[0,1] overlap in [0,1]x[0,1]: 3 + 3 - 1
+    assert two["hv"] == pytest.approx(5.0) and two["hv_ratio"] == pytest.approx(0.5)
+    assert two["inner_product"] == pytest.approx((3 + 3) / 2)
+    assert two["sparsity"] == pytest.approx((2 ** 2 + 2 ** 2) / (2 * 1)) and two["spacing"] == pytest.approx(0.0)
+    # reward-model scores against the reference -2: [1, 1] dominates [0, 0] -> 3 x 3
+    assert two["rm_hv"] == pytest.approx(9.0) and two["rm_inner_product"] == pytest.approx(0.5)
+    assert one["hv"] == pytest.approx(4.0) and one["hv_ratio"] == pytest.approx(0.4) and one["inner_product"] == pytest.approx(2.0)
+    assert one["rm_hv"] == pytest.approx(1 * 5) and one["models"] == 5 and one["update_steps"] == 40
+    md = open(str(out) + ".md").read()
+    assert "| two | 5 | 0.5 |" in md and "| one | 4 | 0.4 |" in md
+    assert os.path.getsize(str(out) + ".png") > 10000
+
+
+def test_compare_refuses_fronts_with_different_reference_points(tmp_path):
+    write(tmp_path / "a", front([[0, 1]], [[1, 3]], [[0, 0]]))
+    write(tmp_path / "b", front([[0, 1]], [[1, 3]], [[0, 0]], ref=(0.1, 0.0)))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), str(tmp_path / "a"), str(tmp_path / "b"),
+                        "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr.startswith("error:") and "reference point" in p.stderr
