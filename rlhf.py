@@ -235,7 +235,7 @@ def ppo_iteration(policy, critic, reward_model, optimizer, tok, batch, prefs, cf
     pol.train(), cri.train()
     stats = defaultdict(float)
     n_mb = 0
-    for _ in range(cfg["ppo_epochs"]):
+    for _ in range(cfg["epochs"]):
         for mb in torch.randperm(B, device=tokens.device).split(cfg["minibatch_size"]):
             if conditioned:
                 set_preference(pol, prefs[mb]), set_preference(cri, prefs[mb])
@@ -257,26 +257,35 @@ def ppo_iteration(policy, critic, reward_model, optimizer, tok, batch, prefs, cf
     return stats
 
 
-def dpo_iteration(policy, optimizer, batch, pref, cfg):
-    """One Panacea-DPO step on a batch of pairs from pair_batch: tokens (2B, T), prompt_len, seq_len,
-    winners (B, m); one preference (m,) for the batch (for the baselines' preference-free adapters,
-    their fixed lambda).
-    J_i = -L_i (DPO log-likelihood); LS: loss = sum_i lambda_i L_i. Tche with ideal point z = 0
-    (no log-likelihood exceeds 0): loss = -min_i lambda_i (J_i - 0) = max_i lambda_i L_i."""
+def dpo_iteration(policy, optimizer, batch, prefs, cfg):
+    """One Panacea-DPO iteration on a batch of pairs from pair_batch: tokens (2B, T), prompt_len,
+    seq_len, winners (B, m), with one preference per pair, prefs (B, m) (the baselines' rows: their
+    fixed lambda). Reference log-probs once, then a few epochs of minibatch steps, as in PPO.
+    J_i = -L_i (the DPO log-likelihood) is aggregated per pair: LS: loss = sum_i lambda_i L_i.
+    Tche with ideal point z = 0 (no log-likelihood exceeds 0): loss = -min_i lambda_i (J_i - 0)
+    = max_i lambda_i L_i."""
     pol = getattr(policy, "module", policy)
     tokens, plen, slen, winners = batch
+    B, conditioned = winners.size(0), preference_dim(pol) > 0
     mask = response_mask(plen, slen, tokens.size(1))
-    if preference_dim(pol):
-        set_preference(pol, pref)
     with torch.no_grad(), disable_adapters(pol):
-        ref = (sequence_logprobs(pol, tokens) * mask).sum(-1)
+        ref = (sequence_logprobs(pol, tokens) * mask).sum(-1)  # (2B,)
     pol.train()
-    h = (sequence_logprobs(policy, tokens) * mask).sum(-1) - ref  # log pi/pi_ref per response
-    B = winners.size(0)
-    L = dpo_losses(h[:B], h[B:], winners, cfg["dpo_beta"]).mean(0)  # (m,)
-    loss = -aggregate(-L, pref.to(L.device), cfg["agg"], 0.0, cfg["tche_mu"])
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg["grad_clip"])
-    optimizer.step()
-    return {"loss": loss.item(), "dpo": L.tolist(), "margin": (h[:B] - h[B:]).abs().mean().item()}
+    stats, n_mb = defaultdict(float), 0
+    for _ in range(cfg["epochs"]):
+        for mb in torch.randperm(B, device=tokens.device).split(cfg["minibatch_size"]):
+            rows = torch.cat([mb, mb + B])  # both responses of each pair, under the pair's lambda
+            if conditioned:
+                set_preference(pol, prefs[mb].repeat(2, 1))
+            h = (sequence_logprobs(policy, tokens[rows]) * mask[rows]).sum(-1) - ref[rows]  # log pi/pi_ref
+            L = dpo_losses(h[: len(mb)], h[len(mb):], winners[mb], cfg["dpo_beta"])  # (b, m)
+            loss = -aggregate(-L, prefs[mb], cfg["agg"], 0.0, cfg["tche_mu"]).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg["grad_clip"])
+            optimizer.step()
+            stats["loss"] += loss.item()
+            stats["margin"] += (h[: len(mb)] - h[len(mb):]).abs().mean().item()
+            stats["dpo"] += L.detach().mean(0)
+            n_mb += 1
+    return {"loss": stats["loss"] / n_mb, "margin": stats["margin"] / n_mb, "dpo": (stats["dpo"] / n_mb).tolist()}

@@ -76,7 +76,7 @@ p.add_argument("--rl_lr", type=float, default=2e-3)
 p.add_argument("--vertex_prob", type=float, default=0.3, help="share of lambda draws on a simplex vertex")
 p.add_argument("--rollout_batch", type=int, default=64, help="prompts per iteration per process (DPO: pairs)")
 p.add_argument("--minibatch_size", type=int, default=32)
-p.add_argument("--ppo_epochs", type=int, default=2)
+p.add_argument("--epochs", type=int, default=2, help="passes over each iteration's batch (PPO and DPO)")
 p.add_argument("--kl_coef", type=float, default=0.05)
 p.add_argument("--clip", type=float, default=0.2)
 p.add_argument("--clip_value", type=float, default=0.2)
@@ -84,7 +84,7 @@ p.add_argument("--vf_coef", type=float, default=0.5)
 p.add_argument("--gae_lambda", type=float, default=0.95)
 p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
 p.add_argument("--max_new_tokens", type=int, default=60)
-p.add_argument("--dpo_beta", type=float, default=0.1)
+p.add_argument("--dpo_beta", type=float, default=0.5)
 p.add_argument("--dps_points", type=int, default=5, help="DPS grid size (m >= 3: the smallest simplex lattice that large)")
 # evaluation, logging, checkpoints
 p.add_argument("--eval_divisions", type=int, default=None, help="lambda grid step 1/d (default: 10 for m = 2, 4 for m >= 3)")
@@ -124,7 +124,7 @@ if ddp:
         torch.cuda.set_device(device)
 else:
     device = ("cuda" if use_cuda else "cpu") if args.device == "auto" else args.device
-if not use_cuda:
+if not use_cuda and "OMP_NUM_THREADS" not in os.environ:  # share the cores among the processes of a machine
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 master = rank == 0
 device_type = "cuda" if use_cuda else "cpu"
@@ -158,7 +158,7 @@ STAGE_KEYS = {"sft": ["seed", "n_layer", "n_head", "n_embd", "block_size", "drop
                       "learning_rate", "warmup_iters", "weight_decay", "sft_data"]}
 STAGE_KEYS["rm"] = STAGE_KEYS["sft"] + ["rm_iters", "rm_batch_size", "rm_lr", "pairs_data", "n_stat_samples"]
 STAGE_KEYS["panacea"] = STAGE_KEYS["rm"] + ["objectives", "method", "algo", "agg", "tche_mu", "rl_iters", "lora_rank",
-                                            "lora_alpha", "rl_lr", "vertex_prob", "rollout_batch", "minibatch_size", "ppo_epochs",
+                                            "lora_alpha", "rl_lr", "vertex_prob", "rollout_batch", "minibatch_size", "epochs",
                                             "kl_coef", "clip", "clip_value", "vf_coef", "gae_lambda", "temperature",
                                             "max_new_tokens", "dpo_beta", "dps_points"]
 
@@ -422,8 +422,8 @@ def stage_panacea(resume, sft, rm):
         label = "panacea" if conditioned else f"{args.method} model {j + 1}/{len(fixed)} lambda={fixed[j]}"
         t0 = time.time()
         for it in progress(args.rl_iters, state["iter_num"], label):
-            if conditioned:  # PPO: one lambda per sequence; DPO: one per batch
-                prefs = sample_prefs(args.rollout_batch if args.algo == "ppo" else 1, m, args.vertex_prob).to(device)
+            if conditioned:  # one lambda per sequence (PPO) or pair (DPO)
+                prefs = sample_prefs(args.rollout_batch, m, args.vertex_prob).to(device)
             else:
                 prefs = torch.tensor(fixed[j], device=device).expand(args.rollout_batch, m)
             if args.algo == "ppo":
@@ -432,17 +432,16 @@ def stage_panacea(resume, sft, rm):
                     s = ppo_iteration(train_policy, train_critic, reward_model, opt, tok, batch, prefs, config, stats, ideal)
                 ideal = torch.maximum(ideal, all_max(s.pop("max_score")))
                 check_finite(s["pg_loss"] + s["vf_loss"], "panacea", it)
-                state["update_steps"] += args.ppo_epochs * math.ceil(args.rollout_batch / args.minibatch_size)
                 msg = (f"kl {s['kl']:.3f} pg {s['pg_loss']:.4f} vf {s['vf_loss']:.4f} clip {s['clipfrac']:.3f} rm " +
                        " ".join(f"{x:+.2f}" for x in all_mean(s["rm"]).tolist()) + " judge " +
                        " ".join(f"{x:.3f}" for x in all_mean(s["judge"]).tolist()))
             else:
                 batch = pair_batch(pairs, torch.randint(len(pairs[3]), (args.rollout_batch,)), device)
                 with autocast:
-                    s = dpo_iteration(train_policy, opt, batch, prefs[0], config)
+                    s = dpo_iteration(train_policy, opt, batch, prefs, config)
                 check_finite(s["loss"], "panacea", it)
-                state["update_steps"] += 1
                 msg = f"loss {s['loss']:.4f} margin {s['margin']:.3f} dpo " + " ".join(f"{x:.3f}" for x in s["dpo"])
+            state["update_steps"] += args.epochs * math.ceil(args.rollout_batch / args.minibatch_size)
             if (it + 1) % args.log_interval == 0 or it == 0:
                 print0(f"{label} iter {it + 1}: {msg}")
             state["iter_num"] = it + 1

@@ -110,7 +110,7 @@ def test_dpo_step_increases_the_chosen_responses_log_ratio():
     winners = torch.tensor([[0, 1]] * 8)  # objective 0 prefers response_0
     pref = torch.tensor([1.0, 0.0])
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
-    cfg = {"dpo_beta": 0.1, "agg": "ls", "tche_mu": 0.0, "grad_clip": 1.0}
+    cfg = {"dpo_beta": 0.1, "agg": "ls", "tche_mu": 0.0, "grad_clip": 1.0, "epochs": 1, "minibatch_size": 8}
 
     def margin():
         set_preference(policy, pref)
@@ -123,7 +123,7 @@ def test_dpo_step_increases_the_chosen_responses_log_ratio():
 
     assert margin() == 0.0  # policy = reference at init
     for _ in range(5):
-        dpo_iteration(policy, opt, (tokens, plen, slen, winners), pref, cfg)
+        dpo_iteration(policy, opt, (tokens, plen, slen, winners), pref.expand(8, 2), cfg)
     assert margin() > 0.1
 
 
@@ -183,7 +183,7 @@ def test_ppo_at_a_one_hot_preference_raises_that_objective_and_moves_away_from_t
     objectives = ["helpful", "harmless"]
     rm = JudgeRewardModel(tok, objectives)
     stats = {"mean": torch.zeros(2), "std": torch.ones(2)}
-    run_cfg = dict(max_new_tokens=50, temperature=1.0, kl_coef=0.01, gae_lambda=0.95, agg="ls", tche_mu=0.0, ppo_epochs=2,
+    run_cfg = dict(max_new_tokens=50, temperature=1.0, kl_coef=0.01, gae_lambda=0.95, agg="ls", tche_mu=0.0, epochs=2,
                    minibatch_size=16, clip=0.2, clip_value=0.2, vf_coef=0.5, grad_clip=1.0, objectives=objectives)
     prompts = W.prompts("train")
     pref = torch.eye(2)[objective].expand(32, 2)

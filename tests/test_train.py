@@ -15,7 +15,7 @@ from conftest import ROOT
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--sft_iters", "40", "--batch_size", "16", "--n_sft", "600",
         "--rm_iters", "20", "--rm_batch_size", "8", "--n_pairs", "300", "--n_stat_samples", "32", "--warmup_iters", "5",
         "--eval_interval", "20", "--log_interval", "1"]
-TINY_RL = ["--rl_iters", "3", "--rollout_batch", "8", "--minibatch_size", "4", "--ppo_epochs", "1", "--max_new_tokens", "50",
+TINY_RL = ["--rl_iters", "3", "--rollout_batch", "8", "--minibatch_size", "4", "--epochs", "1", "--max_new_tokens", "50",
            "--eval_divisions", "2"]
 FRONT_KEYS = {"objectives", "prefs", "judge_scores", "rm_scores", "sft_judge_scores", "oracle_judge_scores",
               "reference_point", "metrics", "cost"}
@@ -126,7 +126,7 @@ def test_dpo_end_to_end(base, tmp_path):
     p = train(base, out, "--algo", "dpo", "--rl_iters", "4")
     assert "dpo" in p.stdout
     front = load_front(out)
-    assert set(front) == FRONT_KEYS and front["cost"]["update_steps"] == 4
+    assert set(front) == FRONT_KEYS and front["cost"]["update_steps"] == 4 * 2
 
 
 def test_three_objectives_end_to_end(base, tmp_path):
