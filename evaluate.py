@@ -205,12 +205,12 @@ def write_front(front, out_dir, label):
 
 
 def plot_fronts(runs, path):
-    """Every run's learned front, the oracle front and the SFT point (of the first run), each
-    lambda labelled on the first run. m >= 3: every pair of objectives, plus one 3-D view."""
+    """Every run's learned front, the oracle front and the SFT point, each lambda labelled, taken
+    from the run on the finest grid. m >= 3: every pair of objectives, plus one 3-D view."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    first = runs[0][1]
+    first = max((fr for _, fr in runs), key=lambda fr: len(fr["prefs"]))
     objs, m = first["objectives"], len(first["objectives"])
     pairs = [(0, 1)] if m == 2 else [(a, b) for a in range(m) for b in range(a + 1, m)]
     n = len(pairs) + (m >= 3)
@@ -218,11 +218,11 @@ def plot_fronts(runs, path):
     for k, (a, b) in enumerate(pairs):
         ax = fig.add_subplot(math.ceil(n / 2), min(n, 2), k + 1)
         orc = first["oracle_judge_scores"]
-        ax.plot([p[a] for p in orc], [p[b] for p in orc], "k--", marker=".", alpha=0.5, label="oracle")
-        for i, (label, fr) in enumerate(runs):
+        ax.plot([p[a] for p in orc], [p[b] for p in orc], "k--." if m == 2 else "kx", alpha=0.5, label="oracle")
+        for label, fr in runs:
             pts = fr["judge_scores"]
             ax.plot([p[a] for p in pts], [p[b] for p in pts], "-o" if m == 2 else "o", ms=4, label=label)
-            if i == 0:
+            if fr is first:
                 for pref, pt in zip(fr["prefs"], pts):
                     ax.annotate(",".join(f"{x:.2g}" for x in pref), (pt[a], pt[b]), fontsize=6, alpha=0.7)
         s = first["sft_judge_scores"]

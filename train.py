@@ -69,7 +69,7 @@ p.add_argument("--n_pairs", type=int, default=20000)
 p.add_argument("--label_temperature", type=float, default=0.1, help="Bradley-Terry noise of the world's labels")
 p.add_argument("--n_stat_samples", type=int, default=512, help="SFT samples for the score standardisation")
 # panacea / baselines
-p.add_argument("--rl_iters", type=int, default=60)
+p.add_argument("--rl_iters", type=int, default=40)
 p.add_argument("--lora_rank", type=int, default=8, help="k, the preference-agnostic singular values")
 p.add_argument("--lora_alpha", type=float, default=16.0)
 p.add_argument("--rl_lr", type=float, default=2e-3)
@@ -158,9 +158,9 @@ STAGE_KEYS = {"sft": ["seed", "n_layer", "n_head", "n_embd", "block_size", "drop
                       "learning_rate", "warmup_iters", "weight_decay", "sft_data"]}
 STAGE_KEYS["rm"] = STAGE_KEYS["sft"] + ["rm_iters", "rm_batch_size", "rm_lr", "pairs_data", "n_stat_samples"]
 STAGE_KEYS["panacea"] = STAGE_KEYS["rm"] + ["objectives", "method", "algo", "agg", "tche_mu", "rl_iters", "lora_rank",
-                                            "lora_alpha", "rl_lr", "vertex_prob", "rollout_batch", "minibatch_size", "epochs",
-                                            "kl_coef", "clip", "clip_value", "vf_coef", "gae_lambda", "temperature",
-                                            "max_new_tokens", "dpo_beta", "dps_points"]
+                                            "lora_alpha", "rl_lr", "vertex_prob", "rollout_batch", "minibatch_size", "epochs"]
+STAGE_KEYS["panacea"] += (["kl_coef", "clip", "clip_value", "vf_coef", "gae_lambda", "temperature", "max_new_tokens"]
+                          if args.algo == "ppo" else ["dpo_beta"]) + (["dps_points"] if args.method == "dps" else [])
 
 
 def ckpt_path(stage):
