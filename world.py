@@ -237,19 +237,28 @@ def flawed(task, response, rng):
 
 def corrupt(text, rng):
     """A malformed variant of a well-formed text, made of its own words or sentences: a word or a
-    sentence dropped, repeated or swapped, or the text cut short."""
+    sentence dropped, repeated or swapped, the text cut short, or a sentence spliced from the head
+    of one sentence and the tail of another (inserted or replacing one: what a drifting policy
+    writes when it invents an extra step)."""
     for _ in range(100):
         sentence_level = rng.random() < 0.5
         w = re.split(r"(?<=[.!?]) ", text[1:]) if sentence_level else text.split()
-        op, i, j = rng.randrange(4), rng.randrange(len(w)), rng.randrange(len(w))
+        op, i, j = rng.randrange(5 if sentence_level else 4), rng.randrange(len(w)), rng.randrange(len(w))
         if op == 0:
             del w[i]
         elif op == 1:
             w.insert(i, w[j])
         elif op == 2:
             w[i], w[j] = w[j], w[i]
-        else:
+        elif op == 3:
             w = w[: max(1, i)]
+        else:
+            a, b = w[i].split(), w[j].split()
+            splice = " ".join(a[: rng.randint(1, len(a))] + b[rng.randrange(len(b)):])
+            if rng.random() < 0.5:
+                w.insert(rng.randrange(len(w) + 1), splice)
+            else:
+                w[i] = splice
         out = " " + " ".join(w)
         if parse(out) is None and out.strip():
             return out
