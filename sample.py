@@ -26,7 +26,7 @@ p.error = lambda msg: p.exit(2, f"error: {msg} (see --help)\n")  # one line, no 
 p.add_argument("--out_dir", default="out")
 p.add_argument("--pref", required=True, help="one weight per objective, e.g. 0.2,0.8 (normalised to sum to 1)")
 p.add_argument("--prompt", default=None, help="a question of your own (default: held-out prompts)")
-p.add_argument("--num_samples", type=int, default=6)
+p.add_argument("--num_samples", type=int, default=6, help="held-out prompts, or samples of --prompt (greedy: one)")
 p.add_argument("--max_new_tokens", type=int, default=60)
 p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
 p.add_argument("--top_k", type=int, default=None)
@@ -65,7 +65,8 @@ print("preference: " + ", ".join(f"{o} {x:.3f}" for o, x in zip(objectives, pref
 
 tok = world.Tokenizer(ck["base"]["vocab"])
 if args.prompt is not None:
-    rows = [(world.task_of(args.prompt), args.prompt)] * args.num_samples
+    # greedy decoding gives one answer per prompt, so it is printed once
+    rows = [(world.task_of(args.prompt), args.prompt)] * (args.num_samples if args.temperature > 0 else 1)
 else:  # a fixed spread of held-out prompts, risky ones included
     held = world.prompts("eval")
     rows = [held[(i * 7) % len(held)] for i in range(args.num_samples)]
