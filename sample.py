@@ -11,6 +11,7 @@ is printed with the world's ground-truth judge scores.
 """
 import argparse
 import os
+import signal
 import sys
 
 import torch
@@ -34,6 +35,8 @@ p.add_argument("--seed", type=int, default=1337)
 p.add_argument("--device", default="auto")
 p.add_argument("--merge", action="store_true", help="fold lambda into the weights before generating")
 args = p.parse_args()
+if hasattr(signal, "SIGPIPE"):  # `python sample.py ... | head` ends quietly
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
 
 def fail(msg):
