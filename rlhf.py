@@ -17,6 +17,7 @@ One PPO iteration (ppo_iteration), with lambda fixed per sequence for everything
        the active objective, chosen from the critic's estimates of J_i at the first response token)
     6. a few epochs of clipped policy loss + clipped value loss on minibatches
 """
+import math
 from collections import defaultdict
 
 import torch
@@ -205,6 +206,18 @@ def value_loss(values, old_values, returns, mask, clip=0.2):
     return masked_mean(loss, mask)
 
 
+def optimizer_step(optimizer, loss, grad_clip):
+    """Backward, clip the gradient norm, step. A non-finite loss or gradient norm raises
+    FloatingPointError before the step, so bad gradients never reach the weights (under DDP the
+    norm is of the all-reduced gradients, so every rank raises alike)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    if not math.isfinite(loss.item() + norm.item()):
+        raise FloatingPointError("loss or gradient is not finite")
+    optimizer.step()
+
+
 def ppo_iteration(policy, critic, reward_model, optimizer, tok, batch, prefs, cfg, rm_stats, ideal=None):
     """One PPO iteration on a batch of (task, prompt) pairs with one preference per sequence,
     prefs (B, m). The baselines' adapters have no preference slots: their prefs rows are their
@@ -243,10 +256,7 @@ def ppo_iteration(policy, critic, reward_model, optimizer, tok, batch, prefs, cf
             pg, clipfrac = policy_loss(logp, old_logp[mb], adv_agg[mb], mask[mb], cfg["clip"])
             values = critic(tokens[mb])[0][:, :-1]
             vf = value_loss(values, old_values[mb], returns[mb], mask[mb], cfg["clip_value"])
-            optimizer.zero_grad(set_to_none=True)
-            (pg + cfg["vf_coef"] * vf).backward()
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg["grad_clip"])
-            optimizer.step()
+            optimizer_step(optimizer, pg + cfg["vf_coef"] * vf, cfg["grad_clip"])
             stats["pg_loss"] += pg.item(); stats["vf_loss"] += vf.item(); stats["clipfrac"] += clipfrac.item()
             n_mb += 1
     stats = {k: v / n_mb for k, v in stats.items()}
@@ -280,10 +290,7 @@ def dpo_iteration(policy, optimizer, batch, prefs, cfg):
             h = (sequence_logprobs(policy, tokens[rows]) * mask[rows]).sum(-1) - ref[rows]  # log pi/pi_ref
             L = dpo_losses(h[: len(mb)], h[len(mb):], winners[mb], cfg["dpo_beta"])  # (b, m)
             loss = -aggregate(-L, prefs[mb], cfg["agg"], 0.0, cfg["tche_mu"]).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg["grad_clip"])
-            optimizer.step()
+            optimizer_step(optimizer, loss, cfg["grad_clip"])
             stats["loss"] += loss.item()
             stats["margin"] += (h[: len(mb)] - h[len(mb):]).abs().mean().item()
             stats["dpo"] += L.detach().mean(0)

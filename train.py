@@ -12,6 +12,7 @@ A finished stage whose checkpoint matches the config is reused; an unfinished on
     torchrun --standalone --nproc_per_node=2 train.py         # the same with DDP (gloo on CPU, NCCL on GPU)
 """
 import argparse
+import contextlib
 import hashlib
 import math
 import os
@@ -27,8 +28,8 @@ import evaluate
 import world
 from model import GPT, GPTConfig
 from panacea import pref_grid, sample_prefs
-from rlhf import (dpo_iteration, encode_pairs, encode_samples, last_token_values, pair_accuracy, pair_batch, ppo_iteration,
-                  response_mask, reward_model_loss, rollout)
+from rlhf import (dpo_iteration, encode_pairs, encode_samples, last_token_values, optimizer_step, pair_accuracy, pair_batch,
+                  ppo_iteration, response_mask, reward_model_loss, rollout)
 from svd_lora import lora_state_dict
 
 # ---------------------------------------------------------------------------------------------- config
@@ -229,8 +230,12 @@ def check_ddp_sync(stage, model):
         print0(f"ddp: {stage} parameters identical on {world_size} ranks")
 
 
-def check_finite(x, stage, it):
-    if not math.isfinite(x):
+@contextlib.contextmanager
+def finite_steps(stage, it):
+    """optimizer_step raises before a non-finite step: the weights and the last checkpoint are still good."""
+    try:
+        yield
+    except FloatingPointError:
         fail(f"{stage}: loss or gradient is not finite at iteration {it}; the last good checkpoint is {ckpt_path(stage)} "
              f"(try a lower learning rate)")
 
@@ -301,13 +306,10 @@ def train(stage, model, opt, iters, lr, batch_loss, resume, keep):
     for it in progress(iters, start, stage):
         for g in opt.param_groups:
             g["lr"] = cosine_lr(it, iters, lr, args.warmup_iters)
-        with autocast:
-            loss = batch_loss(train_model)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        check_finite(loss.item() + norm.item(), stage, it)  # before the step: bad gradients never land
-        opt.step()
+        with finite_steps(stage, it):
+            with autocast:
+                loss = batch_loss(train_model)
+            optimizer_step(opt, loss, args.grad_clip)
         if (it + 1) % args.eval_interval == 0 or it + 1 == iters:
             print0(f"{stage} iter {it + 1}: loss {all_mean(loss.item()).item():.4f}, lr {opt.param_groups[0]['lr']:.2e}")
         if (it + 1) % args.ckpt_interval == 0 and it + 1 < iters:
@@ -428,18 +430,16 @@ def stage_panacea(resume, sft, rm):
                 prefs = torch.tensor(fixed[j], device=device).expand(args.rollout_batch, m)
             if args.algo == "ppo":
                 batch = [prompts[i] for i in torch.randint(len(prompts), (args.rollout_batch,)).tolist()]
-                with autocast:
+                with autocast, finite_steps("panacea", it):
                     s = ppo_iteration(train_policy, train_critic, reward_model, opt, tok, batch, prefs, config, stats, ideal)
                 ideal = torch.maximum(ideal, all_max(s.pop("max_score")))
-                check_finite(s["pg_loss"] + s["vf_loss"], "panacea", it)
                 msg = (f"kl {s['kl']:.3f} pg {s['pg_loss']:.4f} vf {s['vf_loss']:.4f} clip {s['clipfrac']:.3f} rm " +
                        " ".join(f"{x:+.2f}" for x in all_mean(s["rm"]).tolist()) + " judge " +
                        " ".join(f"{x:.3f}" for x in all_mean(s["judge"]).tolist()))
             else:
                 batch = pair_batch(pairs, torch.randint(len(pairs[3]), (args.rollout_batch,)), device)
-                with autocast:
+                with autocast, finite_steps("panacea", it):
                     s = dpo_iteration(train_policy, opt, batch, prefs, config)
-                check_finite(s["loss"], "panacea", it)
                 msg = f"loss {s['loss']:.4f} margin {s['margin']:.3f} dpo " + " ".join(f"{x:.3f}" for x in s["dpo"])
             state["update_steps"] += args.epochs * math.ceil(args.rollout_batch / args.minibatch_size)
             if (it + 1) % args.log_interval == 0 or it == 0:

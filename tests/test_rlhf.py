@@ -196,3 +196,15 @@ def test_ppo_at_a_one_hot_preference_raises_that_objective_and_moves_away_from_t
     print(objective, [round(x, 3) for x in scores], [round(x, 3) for x in kls])
     assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.1
     assert kls[-1] > 0.1
+
+
+def test_optimizer_step_refuses_a_non_finite_gradient_before_stepping():
+    from rlhf import optimizer_step
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=0.1)
+    optimizer_step(opt, (w * 2).sum(), 1.0)
+    moved = w.detach().clone()
+    assert not torch.equal(moved, torch.ones(3))
+    with pytest.raises(FloatingPointError):
+        optimizer_step(opt, (w * float("nan")).sum(), 1.0)
+    assert torch.equal(w.detach(), moved)
