@@ -1,28 +1,36 @@
 """
-Side-by-side comparison of trained runs (Panacea, Rewarded Soups, DPS, ...).
+Side-by-side comparison of trained runs (Panacea, Rewarded Soups, DPS, ...), over seeds.
 
     python compare.py out/cmp/panacea-ls out/cmp/rs out/cmp/dps --out out/cmp/comparison
+    python compare.py "panacea-ls=out/seeds/*" "rs=out/seeds/*/rs" --out out/seeds/comparison
 
-Reads each run's front.json, recomputes the Pareto metrics from its points with one shared
-reference point (runs on different objectives or reference points are not comparable and are
-refused), and writes OUT.md (a markdown table), OUT.json (the same numbers) and OUT.png (every
-front, the oracle front and the SFT point). A run is labelled by its directory name.
+A run is a directory holding front.json (or the file itself), labelled by its directory name, or
+LABEL=PATTERN: every directory the glob pattern matches that holds a front.json, pooled under one
+label. Each run's Pareto metrics are recomputed from its points against its own reference point
+(the world fixes it per seed: runs of one seed share it, so their HV compare directly; across seeds
+compare HV / attainable). Each row gives the mean and standard deviation over its runs (n of them);
+runs on other objectives are refused. Writes OUT.md (a markdown table), OUT.json (every run's
+numbers and the rows) and OUT.png (each row's mean front over its runs, the attainable front and
+the SFT point of its first run).
 """
 import argparse
+import glob
 import json
 import os
 import sys
 
+import numpy as np
+
 from evaluate import RM_REFERENCE, plot_fronts
 from panacea import front_metrics
 
-COLUMNS = [("hv", "HV"), ("hv_ratio", "HV / oracle"), ("inner_product", "inner product"), ("sparsity", "sparsity"),
-           ("spacing", "spacing"), ("rm_hv", "RM HV"), ("rm_inner_product", "RM inner product"), ("rm_sparsity", "RM sparsity"),
-           ("rm_spacing", "RM spacing"), ("models", "models"), ("update_steps", "update steps"), ("seconds", "train s")]
+COLUMNS = [("hv", "HV"), ("hv_ratio", "HV / attainable"), ("inner_product", "inner product"), ("sparsity", "sparsity"),
+           ("spacing", "spacing"), ("rm_hv", "RM HV"), ("models", "models"), ("update_steps", "update steps"),
+           ("seconds", "train s")]
 
 
-def load(run):
-    path = run if run.endswith(".json") else os.path.join(run, "front.json")
+def load(path):
+    path = path if path.endswith(".json") else os.path.join(path, "front.json")
     try:
         with open(path) as f:
             return json.load(f)
@@ -30,54 +38,95 @@ def load(run):
         raise ValueError(f"cannot read {path}: {e}") from None
 
 
-def compare(runs):
-    """[(label, front)] -> rows of metrics, one per run."""
-    first = runs[0][1]
-    for label, fr in runs[1:]:
-        if fr["objectives"] != first["objectives"] or fr["reference_point"] != first["reference_point"]:
-            raise ValueError(f"{label} was evaluated on other objectives or another reference point than {runs[0][0]}")
-    ref, m = first["reference_point"], len(first["objectives"])
+def expand(args):
+    """[(label, [paths])] from the command line, in order; a label given twice pools its runs."""
+    groups = {}
+    for a in args:
+        if "=" in a:
+            label, pattern = a.split("=", 1)
+            paths = sorted(p for p in glob.glob(pattern) if os.path.exists(os.path.join(p, "front.json")))
+            if not paths:
+                raise ValueError(f"{pattern} matches no directory holding a front.json")
+        else:
+            label, paths = os.path.basename(os.path.normpath(os.path.dirname(a) if a.endswith(".json") else a)), [a]
+        groups.setdefault(label, []).extend(paths)
+    return list(groups.items())
+
+
+def run_metrics(fr):
+    """The metrics of one front, recomputed from its points against its own reference point."""
+    m = len(fr["objectives"])
+    j = front_metrics(fr["judge_scores"], fr["prefs"], fr["reference_point"])
+    row = {"hv": j["hypervolume"], "hv_ratio": j["hypervolume"] / fr["metrics"]["attainable_hypervolume"],
+           "inner_product": j["inner_product"], "sparsity": j["sparsity"], "spacing": j["spacing"],
+           "rm_hv": front_metrics(fr["rm_scores"], fr["prefs"], [RM_REFERENCE] * m)["hypervolume"]}
+    row.update({k: fr.get("cost", {}).get(k) for k in ("models", "update_steps", "seconds")})
+    return row
+
+
+def compare(groups):
+    """[(label, [front])] -> one row per label: mean and sd (ddof 1) of every column over its runs."""
+    objectives = groups[0][1][0]["objectives"]
     rows = []
-    for label, fr in runs:
-        j = front_metrics(fr["judge_scores"], fr["prefs"], ref)
-        r = front_metrics(fr["rm_scores"], fr["prefs"], [RM_REFERENCE] * m)
-        row = {"run": label, "hv": j["hypervolume"], "hv_ratio": j["hypervolume"] / fr["metrics"]["oracle_hypervolume"]}
-        row.update({k: j[k] for k in ("inner_product", "sparsity", "spacing")})
-        row.update({"rm_" + k: r[k if k != "hv" else "hypervolume"] for k in ("hv", "inner_product", "sparsity", "spacing")})
-        row.update({k: fr.get("cost", {}).get(k) for k in ("models", "update_steps", "seconds")})
+    for label, fronts in groups:
+        if any(fr["objectives"] != objectives for fr in fronts):
+            raise ValueError(f"{label} was evaluated on other objectives than {','.join(objectives)}")
+        runs = [run_metrics(fr) for fr in fronts]
+        row = {"run": label, "n": len(runs), "runs": runs}
+        for k, _ in COLUMNS:
+            vals = np.array([r[k] for r in runs if r[k] is not None], dtype=float)
+            row[k] = float(vals.mean()) if len(vals) else None
+            row[k + "_sd"] = float(vals.std(ddof=1)) if len(vals) > 1 else None
         rows.append(row)
     return rows
 
 
+def cell(row, k):
+    if row[k] is None:
+        return ""
+    if k in ("models", "update_steps"):
+        return str(int(round(row[k])))
+    sd = row[k + "_sd"]
+    return f"{row[k]:.4g}" + (f" ± {sd:.2g}" if sd is not None else "")
+
+
 def markdown(rows, objectives):
-    head = "| run | " + " | ".join(name for _, name in COLUMNS) + " |"
-    lines = [f"Objectives: {', '.join(objectives)}. HV and inner product: higher is better; sparsity and spacing: lower.", "",
-             head, "|" + "---|" * (len(COLUMNS) + 1)]
+    lines = [f"Objectives: {', '.join(objectives)}. Mean ± standard deviation over n runs. HV, HV / attainable and inner "
+             "product: higher is better; sparsity and spacing: lower.", "",
+             "| run | n | " + " | ".join(name for _, name in COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
     for row in rows:
-        cells = [row[k] if isinstance(row[k], (int, str)) or row[k] is None else f"{row[k]:.4g}" for k, _ in COLUMNS]
-        lines.append(f"| {row['run']} | " + " | ".join(str(c) for c in cells) + " |")
+        lines.append(f"| {row['run']} | {row['n']} | " + " | ".join(cell(row, k) for k, _ in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
+def mean_front(fronts):
+    """A row's front for the plot: the mean point per lambda over its runs (same grid)."""
+    fr = dict(fronts[0])
+    if all(f["prefs"] == fr["prefs"] for f in fronts):
+        fr["judge_scores"] = np.mean([f["judge_scores"] for f in fronts], axis=0).tolist()
+    return fr
+
+
 def main():
-    p = argparse.ArgumentParser(description="Compare the Pareto fronts of trained runs.")
+    p = argparse.ArgumentParser(description="Compare the Pareto fronts of trained runs, over seeds.")
     p.error = lambda msg: p.exit(2, f"error: {msg} (see --help)\n")  # one line, no usage dump
-    p.add_argument("runs", nargs="+", help="run directories (holding front.json) or front.json files")
+    p.add_argument("runs", nargs="+", help="run directories (holding front.json), front.json files, or LABEL=GLOB")
     p.add_argument("--out", default="comparison", help="output path prefix: OUT.md, OUT.json, OUT.png")
     args = p.parse_args()
     try:
-        runs = [(os.path.basename(os.path.normpath(r if not r.endswith(".json") else os.path.dirname(r) or r)), load(r)) for r in args.runs]
-        rows = compare(runs)
+        groups = [(label, [load(q) for q in paths]) for label, paths in expand(args.runs)]
+        rows = compare(groups)
     except (ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    table = markdown(rows, runs[0][1]["objectives"])
+    objectives = groups[0][1][0]["objectives"]
+    table = markdown(rows, objectives)
     with open(args.out + ".md", "w") as f:
         f.write(table)
     with open(args.out + ".json", "w") as f:
-        json.dump({"objectives": runs[0][1]["objectives"], "reference_point": runs[0][1]["reference_point"], "runs": rows}, f, indent=1)
-    plot_fronts(runs, args.out + ".png")
+        json.dump({"objectives": objectives, "rows": rows}, f, indent=1)
+    plot_fronts([(label + (f" (mean of {len(fr)})" if len(fr) > 1 else ""), mean_front(fr)) for label, fr in groups], args.out + ".png")
     print(table)
     print(f"wrote {args.out}.md, {args.out}.json, {args.out}.png")
 

@@ -6,7 +6,7 @@ Pareto-front evaluation, and loading trained policies from checkpoints (train.py
                                       W(lambda) = W0 + sum_i lambda_i Delta W_i; DPS has one model per grid point
     evaluate(...)                     for every lambda of the grid: responses to the held-out prompts
                                       (fixed seed, greedy by default) -> mean judge and reward-model
-                                      scores xi(lambda); plus the SFT point, the oracle front, the
+                                      scores xi(lambda); plus the SFT point, the attainable front, its LS points, the
                                       world's reference point and the Pareto metrics -> front dict
     write_front(front, out_dir)       front.json and pareto.png
     plot_fronts([(label, front)], path)   m = 2: one panel; m >= 3: pairwise projections + a 3-D view
@@ -20,10 +20,11 @@ import torch
 import world
 from model import GPT, GPTConfig
 from panacea import front_metrics, hypervolume, pref_grid
-from rlhf import judge_scores, last_token_values, rollout
+from rlhf import last_token_values, rollout
 from svd_lora import inject_svd_lora, lora_layers, preference_dim, set_preference
 
 RM_REFERENCE = -2.0  # reward-model hypervolume reference: 2 SFT standard deviations below the SFT mean
+MAX_STORED = 5000  # attainable-front points kept in front.json
 
 
 def load_gpt(ck, device, n_heads_out=0):
@@ -38,7 +39,13 @@ def adapted_policy(sft_ck, m, conditioned, rank, alpha, device):
     """SFT model + adapter: Panacea's SVD-LoRA with k + m singular values, m of them lambda; the
     baselines an ordinary low-rank adapter of the same rank k + m (no preference slots)."""
     pd = m if conditioned else 0
-    return inject_svd_lora(load_gpt(sft_ck, device), rank + m - pd, pd, alpha)
+    return inject_svd_lora(load_gpt(sft_ck, device), rank + m - pd, pd, lora_alpha(rank, m, pd, alpha))
+
+
+def lora_alpha(rank, m, pref_dim, alpha):
+    """The alpha that gives c = alpha / k for an adapter with rank + m - pref_dim free singular values:
+    Panacea and the baselines then share one multiplier, and so one effective step size."""
+    return alpha * (rank + m - pref_dim) / rank
 
 
 def critic_model(sft_ck, rm_ck, m, conditioned, rank, alpha, device):
@@ -48,7 +55,7 @@ def critic_model(sft_ck, rm_ck, m, conditioned, rank, alpha, device):
     critic.load_state_dict({k: v for k, v in rm_ck["model"].items() if not k.startswith("value_head")}, strict=False)
     torch.nn.init.zeros_(critic.value_head.weight), torch.nn.init.zeros_(critic.value_head.bias)
     pd = m if conditioned else 0
-    inject_svd_lora(critic, rank + m - pd, pd, alpha)
+    inject_svd_lora(critic, rank + m - pd, pd, lora_alpha(rank, m, pd, alpha))
     critic.value_head.requires_grad_(True)
     return critic
 
@@ -104,11 +111,20 @@ def load_reward_model(rm_ck, sft_ck, objectives, device):
     return rm.eval(), {k: v[heads].to(device) for k, v in rm_ck["stats"].items()}
 
 
+def judge_scores(tasks, texts, objectives):
+    """(B, m) ground-truth judge scores; an unfinished response (None) is malformed."""
+    return torch.tensor([world.judge_text(t, x, objectives) if x is not None else [world.MALFORMED] * len(objectives)
+                         for t, x in zip(tasks, texts)])
+
+
 @torch.no_grad()
 def score(model, tok, rows, prefs, rm, stats, objectives, temperature, max_new_tokens):
-    """Responses to rows [(task, prompt)] under prefs (N, m) or None -> judge (N, m), rm (N, m) scores."""
+    """Responses to rows [(task, prompt)] under prefs (N, m) or None -> judge (N, m), rm (N, m) scores
+    (standardised; an unfinished response gets the SFT samples' lowest score, as in PPO)."""
     tokens, _, slen, texts = rollout(model, tok, [p for _, p in rows], prefs, max_new_tokens, temperature)
     r = (last_token_values(rm, tokens, slen).float() - stats["mean"]) / stats["std"]
+    finished = torch.tensor([t is not None for t in texts], device=r.device)
+    r = torch.where(finished[:, None], r, (stats["min"] - stats["mean"]) / stats["std"])
     return judge_scores([t for t, _ in rows], texts, objectives).to(r.device), r, texts
 
 
@@ -158,23 +174,29 @@ def evaluate(sft_ck, rm_ck, pol_ck, config, device, rank=0, world_size=1, autoca
     stderr = ((sq - mean ** 2).clamp_min(0) / (n - 1).clamp_min(1)).sqrt()
     judge_pts, rm_pts, sft_pt = mean[:-1].tolist(), rm_mean[:-1].tolist(), mean[-1].tolist()
     ref = world.reference_point(objectives, standard, seed=config["seed"])
-    oracle = world.oracle_front(objectives, grid, seed=config["seed"])
-    oracle_hv = hypervolume(world.oracle_front(objectives, standard, seed=config["seed"]), ref)
+    cache = os.path.join(config.get("base_dir") or config.get("out_dir") or ".", "data")
+    attainable = world.attainable_front(objectives, seed=config["seed"], cache_dir=cache)
+    attainable_hv = hypervolume(attainable, ref)
     jm = front_metrics(judge_pts, grid, ref)
     jm["mean_stderr"] = float(stderr[:-1].mean())
     if m == 2:  # largest move against lambda along the grid (lambda_1 ascending: objective 1 up, 2 down)
         d = [(b[0] - a[0], a[1] - b[1]) for a, b in zip(judge_pts, judge_pts[1:])]
         jm["max_reversal"] = max(0.0, -min(min(x) for x in d))
+    # the front is stored whole up to MAX_STORED points (m = 2: a few hundred), else evenly thinned
+    keep = attainable[:: math.ceil(len(attainable) / MAX_STORED)]
     return {
         "objectives": objectives,
         "prefs": grid,
         "judge_scores": judge_pts,
         "rm_scores": rm_pts,
         "sft_judge_scores": sft_pt,
-        "oracle_judge_scores": oracle,
+        "ls_judge_scores": world.ls_front(objectives, grid, seed=config["seed"]),
+        "attainable_front": keep.round(6).tolist(),
         "reference_point": ref,
         "metrics": {"judge": jm, "rm": front_metrics(rm_pts, grid, [RM_REFERENCE] * m),
-                    "oracle_hypervolume": oracle_hv, "hypervolume_ratio": jm["hypervolume"] / oracle_hv,
+                    "attainable_hypervolume": attainable_hv, "attainable_points": len(attainable),
+                    "hypervolume_ratio": jm["hypervolume"] / attainable_hv,
+                    "ls_hypervolume": hypervolume(world.ls_front(objectives, standard, seed=config["seed"]), ref),
                     "sft_hypervolume": hypervolume([sft_pt], ref)},
         "cost": {"models": len(pol_ck["fixed_prefs"]), "update_steps": pol_ck["update_steps"],
                  "seconds": round(pol_ck["seconds"], 1)},
@@ -183,14 +205,14 @@ def evaluate(sft_ck, rm_ck, pol_ck, config, device, rank=0, world_size=1, autoca
 
 def print_front(front):
     objs = front["objectives"]
-    print("lambda".ljust(22) + "".join(f"{o:>10}" for o in objs) + "   (judge scores; oracle in brackets)")
-    for pref, pt, orc in zip(front["prefs"], front["judge_scores"], front["oracle_judge_scores"]):
+    print("lambda".ljust(22) + "".join(f"{o:>10}" for o in objs) + "   (judge scores; the attainable front's LS point in brackets)")
+    for pref, pt, ls in zip(front["prefs"], front["judge_scores"], front["ls_judge_scores"]):
         print(",".join(f"{x:.2f}" for x in pref).ljust(22) + "".join(f"{x:10.3f}" for x in pt) +
-              "   [" + ", ".join(f"{x:.3f}" for x in orc) + "]")
+              "   [" + ", ".join(f"{x:.3f}" for x in ls) + "]")
     print("sft".ljust(22) + "".join(f"{x:10.3f}" for x in front["sft_judge_scores"]))
     mt = front["metrics"]
-    print(f"hypervolume {mt['judge']['hypervolume']:.4f} (oracle {mt['oracle_hypervolume']:.4f}, "
-          f"ratio {mt['hypervolume_ratio']:.3f}; sft point {mt['sft_hypervolume']:.4f}), "
+    print(f"hypervolume {mt['judge']['hypervolume']:.4f} (attainable {mt['attainable_hypervolume']:.4f}, "
+          f"ratio {mt['hypervolume_ratio']:.3f}; LS points {mt['ls_hypervolume']:.4f}; sft point {mt['sft_hypervolume']:.4f}), "
           f"inner product {mt['judge']['inner_product']:.3f}, sparsity {mt['judge']['sparsity']:.4f}, "
           f"spacing {mt['judge']['spacing']:.4f}, mean stderr {mt['judge']['mean_stderr']:.3f}")
 
@@ -205,7 +227,7 @@ def write_front(front, out_dir, label):
 
 
 def plot_fronts(runs, path):
-    """Every run's learned front, the oracle front and the SFT point, each lambda labelled, taken
+    """Every run's learned front, the attainable front, its LS points and the SFT point, each lambda labelled, taken
     from the run on the finest grid. m >= 3: every pair of objectives, plus one 3-D view."""
     import matplotlib
     matplotlib.use("Agg")
@@ -217,8 +239,14 @@ def plot_fronts(runs, path):
     fig = plt.figure(figsize=(6 * min(n, 2), 5 * math.ceil(n / 2)))
     for k, (a, b) in enumerate(pairs):
         ax = fig.add_subplot(math.ceil(n / 2), min(n, 2), k + 1)
-        orc = first["oracle_judge_scores"]
-        ax.plot([p[a] for p in orc], [p[b] for p in orc], "k--." if m == 2 else "kx", alpha=0.5, label="oracle")
+        att = first["attainable_front"]
+        if m == 2:  # the attainable front is a staircase of many points; LS picks some of them
+            att = sorted(att)
+            ax.step([p[a] for p in att], [p[b] for p in att], "k-", where="post", lw=0.8, alpha=0.6, label="attainable front")
+        else:
+            ax.plot([p[a] for p in att], [p[b] for p in att], ".", color="0.8", ms=1, label="attainable front (projected)")
+        ls = first["ls_judge_scores"]
+        ax.plot([p[a] for p in ls], [p[b] for p in ls], "kx", ms=6, alpha=0.7, label="its LS points")
         for label, fr in runs:
             pts = fr["judge_scores"]
             ax.plot([p[a] for p in pts], [p[b] for p in pts], "-o" if m == 2 else "o", ms=4, label=label)
@@ -231,7 +259,7 @@ def plot_fronts(runs, path):
         ax.legend(fontsize=7)
     if m >= 3:
         ax = fig.add_subplot(math.ceil(n / 2), min(n, 2), n, projection="3d")
-        for label, fr in [("oracle", {"judge_scores": first["oracle_judge_scores"]})] + list(runs):
+        for label, fr in [("LS points of the attainable front", {"judge_scores": first["ls_judge_scores"]})] + list(runs):
             pts = fr["judge_scores"]
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts], s=12, label=label)
         ax.set_xlabel(objs[0]), ax.set_ylabel(objs[1]), ax.set_zlabel(objs[2])

@@ -6,8 +6,9 @@ The preference side of Panacea: preference vectors, aggregation functions and Pa
     aggregate(J, lambda, method)           g_lambda(J): LS, Tchebycheff or smooth Tchebycheff (maximised)
     aggregation_weights(J, lambda, ...)    dg/dJ_i, the weight each objective's gradient receives
     pref_grid(m, divisions)                evaluation grid: m = 2 -> 11 points, m >= 3 -> simplex lattice
-    hypervolume, inner_product, sparsity, spacing, pareto_filter   (maximisation everywhere)
+    pareto_front, hypervolume, inner_product, sparsity, spacing   (maximisation everywhere)
 """
+import bisect
 import math
 from itertools import combinations
 
@@ -76,20 +77,67 @@ def pref_grid(m, divisions=10):
 # ----------------------------------------------------------------------------------------------
 # Pareto metrics (points: (N, m) array of mean scores, larger is better)
 
-def pareto_filter(points):
-    """Boolean mask of the points no other point dominates (>= everywhere, > somewhere)."""
-    P = np.asarray(points, dtype=float)
-    dominated = [bool(np.any(np.all(P >= p, 1) & np.any(P > p, 1))) for p in P]
-    return ~np.array(dominated, dtype=bool)
+def pareto_front(points):
+    """The distinct points that no other point dominates (>= everywhere, > somewhere), (K, m),
+    in descending lexicographic order. Sweep in that order: a point can only be dominated by an
+    earlier one. m = 2: dominated iff an earlier point is at least as high on objective 2 (a running
+    max); m = 3: the earlier kept points' (objective 2, objective 3) staircase answers "is one of them
+    >= on both?" by bisection, O(N log N); m >= 4: a comparison with every kept point."""
+    P = np.unique(np.asarray(points, dtype=float), axis=0)[::-1]
+    if len(P) == 0 or P.shape[1] == 1:
+        return P[:1]
+    if P.shape[1] == 2:
+        higher_before = np.concatenate([[-np.inf], np.maximum.accumulate(P[:-1, 1])])
+        return P[P[:, 1] > higher_before]
+    keep = np.zeros(len(P), dtype=bool)
+    if P.shape[1] == 3:
+        ys, zs = [], []  # staircase of kept points: ys ascending, zs descending
+        for i, (_, y, z) in enumerate(P):
+            j = bisect.bisect_left(ys, y)
+            if j < len(ys) and zs[j] >= z:  # an earlier point has y' >= y and z' >= z (and x' >= x)
+                continue
+            keep[i] = True
+            hi = bisect.bisect_right(ys, y)
+            lo = hi
+            while lo > 0 and zs[lo - 1] <= z:  # staircase points that (y, z) now covers
+                lo -= 1
+            ys[lo:hi], zs[lo:hi] = [y], [z]
+        return P[keep]
+    for i, p in enumerate(P):
+        K = P[keep]
+        keep[i] = not np.any(np.all(K >= p, axis=1))
+    return P[keep]
 
 
 def hypervolume(points, ref):
     """Exact volume dominated by `points` and bounded below by `ref` (maximisation). Points that do
-    not strictly dominate ref contribute nothing. Slicing along the last objective: between two
-    consecutive heights, the dominated cross-section is the (m-1)-dim hypervolume of the points
-    at least that high. O(N^m); meant for the small fronts of this project (m <= 4)."""
+    not strictly dominate ref contribute nothing. m = 2: a staircase of rectangles. m = 3: sweep
+    objective 3 downwards, adding the area of the (objective 1, objective 2) staircase of the points
+    seen so far times the height of each slab, O(N log N). m >= 4: slicing recursively (O(N^m))."""
     P = np.asarray(points, dtype=float).reshape(-1, len(ref)) - np.asarray(ref, dtype=float)
-    return _hv(P[np.all(P > 0, axis=1)])
+    P = pareto_front(P[np.all(P > 0, axis=1)])
+    if len(P) == 0:
+        return 0.0
+    if P.shape[1] == 2:  # objective 1 descending, objective 2 ascending
+        return float(np.sum(P[:, 0] * np.diff(P[:, 1], prepend=0.0)))
+    if P.shape[1] > 3:
+        return _hv(P)
+    P = P[np.argsort(-P[:, 2], kind="stable")]
+    xs, ys, area, vol = [], [], 0.0, 0.0  # the slab's staircase: xs ascending, ys descending
+    for i, (x, y, z) in enumerate(P):
+        j = bisect.bisect_left(xs, x)
+        if not (j < len(xs) and ys[j] >= y):
+            hi = bisect.bisect_right(xs, x)
+            lo = hi
+            while lo > 0 and ys[lo - 1] <= y:
+                lo -= 1
+            left = xs[lo - 1] if lo > 0 else 0.0
+            old = sum((xs[k] - (xs[k - 1] if k > 0 else 0.0)) * ys[k] for k in range(lo, min(hi + 1, len(xs))))
+            new = (x - left) * y + ((xs[hi] - x) * ys[hi] if hi < len(xs) else 0.0)
+            area += new - old
+            xs[lo:hi], ys[lo:hi] = [x], [y]
+        vol += area * (z - (P[i + 1, 2] if i + 1 < len(P) else 0.0))
+    return float(vol)
 
 
 def _hv(P):

@@ -14,7 +14,8 @@ One PPO iteration (ppo_iteration), with lambda fixed per sequence for everything
     3. rewards: r_{i,t} = -beta (log pi - log pi_ref)_t  (+ score_i at the last response token)
     4. GAE per objective (gamma = 1, lambda_GAE = 0.95) -> advantages A_i, returns
     5. aggregate: A_lambda = sum_i w_i A_i with w = dg_lambda/dJ (LS: w = lambda; Tche: lambda_i on
-       the active objective, chosen from the critic's estimates of J_i at the first response token)
+       the active objective, chosen from the critic's estimates of J_i at the first response token,
+       averaged over the sequences that share lambda)
     6. a few epochs of clipped policy loss + clipped value loss on minibatches
 """
 import math
@@ -24,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from model import token_logprobs
-from panacea import aggregate, aggregation_weights
+from panacea import aggregation_weights
 from svd_lora import disable_adapters, preference_dim, set_preference
-from world import chat, judge_text
+from world import chat
 
 
 def pack(seqs, pad):
@@ -123,9 +124,22 @@ def pair_accuracy(model, pairs, ix, device):
 
 def dpo_losses(logratio_0, logratio_1, winners, beta):
     """Per-objective DPO losses of pairs: log-ratios h = log pi/pi_ref of response_0 and response_1,
-    (B,) each, winner ids (B, m) -> (B, m) of -log sigmoid(beta (h_w - h_l))."""
-    sign = 1.0 - 2.0 * winners.float()  # +1 where response_0 wins on that objective
-    return -F.logsigmoid(beta * sign * (logratio_0 - logratio_1)[:, None])
+    (B,) each, winner ids (B, m) -> (B, m) of -log sigmoid(beta (h_w - h_l)). A tie (winner -1)
+    states no preference on that objective: its loss is 0 and gives no gradient."""
+    sign = torch.where(winners == 0, 1.0, -1.0)  # +1 where response_0 wins on that objective
+    loss = -F.logsigmoid(beta * sign * (logratio_0 - logratio_1)[:, None])
+    return torch.where(winners >= 0, loss, torch.zeros_like(loss))
+
+
+def group_weights(J, prefs, agg, ideal=None, mu=0.0):
+    """dg_lambda/dJ_i per sequence, with J estimated per *group* of sequences that share lambda.
+    Tchebycheff, min_i lambda_i (J_i - z_i), is a function of the expected J under lambda: which
+    objective is active must be decided on the group's mean, not per sequence (where the prompt,
+    not lambda, would decide it). LS weights are lambda either way. J, prefs (B, m) -> (B, m)."""
+    _, group = torch.unique(prefs, dim=0, return_inverse=True)  # (B,) group id of each sequence
+    n = torch.zeros(int(group.max()) + 1, device=J.device).index_add_(0, group, torch.ones_like(group, dtype=torch.float))
+    J_group = torch.zeros(n.size(0), J.size(1), device=J.device).index_add_(0, group, J.float()) / n[:, None]
+    return aggregation_weights(J_group[group], prefs, agg, ideal, mu)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,12 +169,6 @@ def rollout(policy, tok, prompts, prefs, max_new_tokens, temperature=1.0, top_k=
         texts.append(text)
     tokens, seq_len = pack(seqs, tok.eot)
     return tokens.to(device), torch.tensor([len(e) for e in enc], device=device), seq_len.to(device), texts
-
-
-def judge_scores(tasks, texts, objectives):
-    """(B, m) ground-truth judge scores; an unfinished response (None) is malformed."""
-    return torch.tensor([judge_text(t, x, objectives) if x is not None else [-1.0] * len(objectives)
-                         for t, x in zip(tasks, texts)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,81 +226,101 @@ def optimizer_step(optimizer, loss, grad_clip):
     optimizer.step()
 
 
-def ppo_iteration(policy, critic, reward_model, optimizer, tok, batch, prefs, cfg, rm_stats, ideal=None):
-    """One PPO iteration on a batch of (task, prompt) pairs with one preference per sequence,
-    prefs (B, m). The baselines' adapters have no preference slots: their prefs rows are their
-    fixed lambda, used for aggregation only. `policy` and `critic` may be DDP-wrapped; generation,
-    scoring and preference setting use the modules inside. Returns the iteration's logs."""
+def ppo_iteration(policy, critic, reward_model, optimizer, tok, prompts, prefs, cfg, rm_stats, ideal=None):
+    """One PPO iteration on a batch of prompt texts with one preference per sequence, prefs (B, m);
+    sequences with equal rows of prefs form a group (see group_weights). The baselines' adapters
+    have no preference slots: their prefs rows are their fixed lambda, used for aggregation only.
+    `policy` and `critic` may be DDP-wrapped; generation, scoring and preference setting use the
+    modules inside. Both stay in eval mode: with dropout, the old and new log-probs of the ratio
+    must come from the same function. Returns the iteration's logs and the response texts."""
     pol, cri = getattr(policy, "module", policy), getattr(critic, "module", critic)
-    B = len(batch)
+    B = len(prompts)
     conditioned = preference_dim(pol) > 0
-    pol.eval(), cri.eval()
-    tokens, plen, slen, texts = rollout(pol, tok, [p for _, p in batch], prefs if conditioned else None,
-                                        cfg["max_new_tokens"], cfg["temperature"])
+    pol.eval()
+    cri.eval()
+    tokens, plen, slen, texts = rollout(pol, tok, prompts, prefs if conditioned else None, cfg["max_new_tokens"], cfg["temperature"])
     mask = response_mask(plen, slen, tokens.size(1))
+    finished = torch.tensor([t is not None for t in texts], device=tokens.device)
     with torch.no_grad():
         if conditioned:
-            set_preference(pol, prefs), set_preference(cri, prefs)
+            set_preference(pol, prefs)
+            set_preference(cri, prefs)
         old_logp = sequence_logprobs(pol, tokens)
         with disable_adapters(pol):
             ref_logp = sequence_logprobs(pol, tokens)
         old_values = cri(tokens)[0][:, :-1]  # (B, T-1, m): V(s_t) before action t
         scores = (last_token_values(reward_model, tokens, slen) - rm_stats["mean"]) / rm_stats["std"]
+        # a response cut off by max_new_tokens ends on a token the reward model never scored in
+        # training; it gets the lowest score of the SFT samples instead of an extrapolation
+        penalty = (rm_stats["min"] - rm_stats["mean"]) / rm_stats["std"]
+        scores = torch.where(finished[:, None], scores, penalty)
         rewards = kl_penalised_rewards(scores, old_logp, ref_logp, mask, slen, cfg["kl_coef"])
         adv, returns = gae(rewards, old_values, mask, 1.0, cfg["gae_lambda"])
         # Eq. (LS) / (Tche) on advantages: A_lambda = sum_i (dg/dJ_i) A_i. For Tche the critic's value
-        # at the first response action estimates J_i(x, lambda); ideal = running max of scores.
+        # at the first response action estimates J_i(x, lambda), averaged over the group sharing lambda.
         J_est = old_values[torch.arange(B), plen - 1]
-        w = aggregation_weights(J_est, prefs, cfg["agg"], ideal, cfg["tche_mu"])
+        w = group_weights(J_est, prefs, cfg["agg"], ideal, cfg["tche_mu"])
         adv_agg = whiten((adv * w[:, None, :]).sum(-1), mask)
-    pol.train(), cri.train()
     stats = defaultdict(float)
     n_mb = 0
     for _ in range(cfg["epochs"]):
         for mb in torch.randperm(B, device=tokens.device).split(cfg["minibatch_size"]):
             if conditioned:
-                set_preference(pol, prefs[mb]), set_preference(cri, prefs[mb])
+                set_preference(pol, prefs[mb])
+                set_preference(cri, prefs[mb])
             logp = sequence_logprobs(policy, tokens[mb])
             pg, clipfrac = policy_loss(logp, old_logp[mb], adv_agg[mb], mask[mb], cfg["clip"])
             values = critic(tokens[mb])[0][:, :-1]
             vf = value_loss(values, old_values[mb], returns[mb], mask[mb], cfg["clip_value"])
             optimizer_step(optimizer, pg + cfg["vf_coef"] * vf, cfg["grad_clip"])
-            stats["pg_loss"] += pg.item(); stats["vf_loss"] += vf.item(); stats["clipfrac"] += clipfrac.item()
+            stats["pg_loss"] += pg.item()
+            stats["vf_loss"] += vf.item()
+            stats["clipfrac"] += clipfrac.item()
             n_mb += 1
     stats = {k: v / n_mb for k, v in stats.items()}
     stats["kl"] = ((old_logp - ref_logp) * mask).sum(-1).mean().item()
     stats["rm"] = scores.mean(0).tolist()
-    stats["max_score"] = scores.max(0).values
-    stats["judge"] = judge_scores([t for t, _ in batch], texts, cfg["objectives"]).mean(0).tolist()
-    return stats
+    # the running ideal point of Tche takes finished responses only
+    stats["max_score"] = torch.where(finished[:, None], scores, -math.inf).max(0).values
+    return stats, texts
 
 
 def dpo_iteration(policy, optimizer, batch, prefs, cfg):
     """One Panacea-DPO iteration on a batch of pairs from pair_batch: tokens (2B, T), prompt_len,
     seq_len, winners (B, m), with one preference per pair, prefs (B, m) (the baselines' rows: their
     fixed lambda). Reference log-probs once, then a few epochs of minibatch steps, as in PPO.
-    J_i = -L_i (the DPO log-likelihood) is aggregated per pair: LS: loss = sum_i lambda_i L_i.
-    Tche with ideal point z = 0 (no log-likelihood exceeds 0): loss = -min_i lambda_i (J_i - 0)
-    = max_i lambda_i L_i."""
+    J_i = -L_i (the DPO log-likelihood) is aggregated with weights dg/dJ_i (group_weights, on the
+    batch's losses before the update): LS: loss = sum_i lambda_i L_i. Tche with ideal point z = 0
+    (no log-likelihood exceeds 0): g = min_i lambda_i (J_i - 0), so the loss is lambda_i* L_i of the
+    group's active objective i* = argmax_i lambda_i mean L_i."""
     pol = getattr(policy, "module", policy)
     tokens, plen, slen, winners = batch
     B, conditioned = winners.size(0), preference_dim(pol) > 0
     mask = response_mask(plen, slen, tokens.size(1))
-    with torch.no_grad(), disable_adapters(pol):
-        ref = (sequence_logprobs(pol, tokens) * mask).sum(-1)  # (2B,)
-    pol.train()
+    pol.eval()  # no dropout: the reference and the policy are the same function at init
+
+    def losses(rows, pair_prefs):
+        if conditioned:
+            set_preference(pol, pair_prefs.repeat(2, 1))  # both responses of each pair, under the pair's lambda
+        h = (sequence_logprobs(policy, tokens[rows]) * mask[rows]).sum(-1) - ref[rows]  # log pi/pi_ref
+        n = len(rows) // 2
+        return dpo_losses(h[:n], h[n:], winners[rows[:n]], cfg["dpo_beta"]), h[:n] - h[n:]
+
+    with torch.no_grad():
+        with disable_adapters(pol):
+            ref = (sequence_logprobs(pol, tokens) * mask).sum(-1)  # (2B,)
+        w = prefs
+        if cfg["agg"] != "ls":
+            L, _ = losses(torch.arange(2 * B, device=tokens.device), prefs)
+            w = group_weights(-L, prefs, cfg["agg"], 0.0, cfg["tche_mu"])
     stats, n_mb = defaultdict(float), 0
     for _ in range(cfg["epochs"]):
         for mb in torch.randperm(B, device=tokens.device).split(cfg["minibatch_size"]):
-            rows = torch.cat([mb, mb + B])  # both responses of each pair, under the pair's lambda
-            if conditioned:
-                set_preference(pol, prefs[mb].repeat(2, 1))
-            h = (sequence_logprobs(policy, tokens[rows]) * mask[rows]).sum(-1) - ref[rows]  # log pi/pi_ref
-            L = dpo_losses(h[: len(mb)], h[len(mb):], winners[mb], cfg["dpo_beta"])  # (b, m)
-            loss = -aggregate(-L, prefs[mb], cfg["agg"], 0.0, cfg["tche_mu"]).mean()
+            L, margin = losses(torch.cat([mb, mb + B]), prefs[mb])  # (b, m)
+            loss = (w[mb] * L).sum(-1).mean()
             optimizer_step(optimizer, loss, cfg["grad_clip"])
             stats["loss"] += loss.item()
-            stats["margin"] += (h[: len(mb)] - h[len(mb):]).abs().mean().item()
+            stats["margin"] += margin.abs().mean().item()
             stats["dpo"] += L.detach().mean(0)
             n_mb += 1
     return {"loss": stats["loss"] / n_mb, "margin": stats["margin"] / n_mb, "dpo": (stats["dpo"] / n_mb).tolist()}

@@ -71,7 +71,7 @@ if args.prompt is not None:
     # greedy decoding gives one answer per prompt, so it is printed once
     rows = [(world.task_of(args.prompt), args.prompt)] * (args.num_samples if args.temperature > 0 else 1)
 else:  # a fixed spread of held-out prompts, risky ones included
-    held = world.prompts("eval")
+    held = world.prompts("eval", ck["config"]["seed"])  # the split the model was trained without
     rows = [held[(i * 7) % len(held)] for i in range(args.num_samples)]
 torch.manual_seed(args.seed)
 try:

@@ -33,66 +33,72 @@ from rlhf import (dpo_iteration, encode_pairs, encode_samples, last_token_values
 from svd_lora import lora_state_dict
 
 # ---------------------------------------------------------------------------------------------- config
+# Flags come in groups: a stage's checkpoint records every flag of its own group and of the groups
+# of the stages it builds on (STAGE_KEYS below), so a changed flag never reuses a stale result.
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 p.error = lambda msg: p.exit(2, f"error: {msg} (see --help)\n")  # one line, no usage dump
-p.add_argument("--out_dir", default="out")
-p.add_argument("--base_dir", default=None, help="where the sft and rm stages live (default: out_dir)")
-p.add_argument("--data_dir", default=None, help="your own sft.jsonl, pairs.jsonl, pairs_eval.jsonl (default: the world's, in base_dir/data)")
-p.add_argument("--stage", default="all", help="all, or a comma list of sft,rm,panacea,eval")
-p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-p.add_argument("--dtype", default="auto", help="auto (bfloat16 autocast on cuda), float32, bfloat16")
-p.add_argument("--compile", action="store_true", help="torch.compile the training forward passes")
-p.add_argument("--seed", type=int, default=1337)
-p.add_argument("--objectives", default="helpful,harmless", help=f"2 or more of {','.join(world.OBJECTIVES)}")
-p.add_argument("--method", default="panacea", choices=["panacea", "rs", "dps"])
-p.add_argument("--algo", default="ppo", choices=["ppo", "dpo"])
-p.add_argument("--agg", default="ls", choices=["ls", "tche"])
-p.add_argument("--tche_mu", type=float, default=0.0, help="> 0: smooth Tchebycheff with this temperature")
-# model (the sft stage's GPT; everything else inherits it)
-p.add_argument("--n_layer", type=int, default=4)
-p.add_argument("--n_head", type=int, default=4)
-p.add_argument("--n_embd", type=int, default=128)
-p.add_argument("--block_size", type=int, default=96)
-p.add_argument("--dropout", type=float, default=0.0)
-# sft
-p.add_argument("--sft_iters", type=int, default=500)
-p.add_argument("--batch_size", type=int, default=32)
-p.add_argument("--learning_rate", type=float, default=2e-3)
-p.add_argument("--warmup_iters", type=int, default=50)
-p.add_argument("--weight_decay", type=float, default=0.1)
-p.add_argument("--grad_clip", type=float, default=1.0)
-p.add_argument("--n_sft", type=int, default=20000, help="SFT corpus size")
-# reward models
-p.add_argument("--rm_iters", type=int, default=600)
-p.add_argument("--rm_batch_size", type=int, default=16, help="pairs per step")
-p.add_argument("--rm_lr", type=float, default=5e-4)
-p.add_argument("--n_pairs", type=int, default=20000)
-p.add_argument("--label_temperature", type=float, default=0.1, help="Bradley-Terry noise of the world's labels")
-p.add_argument("--n_stat_samples", type=int, default=512, help="SFT samples for the score standardisation")
-# panacea / baselines
-p.add_argument("--rl_iters", type=int, default=40)
-p.add_argument("--lora_rank", type=int, default=8, help="k, the preference-agnostic singular values")
-p.add_argument("--lora_alpha", type=float, default=16.0)
-p.add_argument("--rl_lr", type=float, default=2e-3)
-p.add_argument("--vertex_prob", type=float, default=0.3, help="share of lambda draws on a simplex vertex")
-p.add_argument("--rollout_batch", type=int, default=64, help="prompts per iteration per process (DPO: pairs)")
-p.add_argument("--minibatch_size", type=int, default=32)
-p.add_argument("--epochs", type=int, default=2, help="passes over each iteration's batch (PPO and DPO)")
-p.add_argument("--kl_coef", type=float, default=0.05)
-p.add_argument("--clip", type=float, default=0.2)
-p.add_argument("--clip_value", type=float, default=0.2)
-p.add_argument("--vf_coef", type=float, default=0.5)
-p.add_argument("--gae_lambda", type=float, default=0.95)
-p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
-p.add_argument("--max_new_tokens", type=int, default=60)
-p.add_argument("--dpo_beta", type=float, default=0.5)
-p.add_argument("--dps_points", type=int, default=5, help="DPS grid size (m >= 3: the smallest simplex lattice that large)")
-# evaluation, logging, checkpoints
-p.add_argument("--eval_divisions", type=int, default=None, help="lambda grid step 1/d (default: 10 for m = 2, 4 for m >= 3)")
-p.add_argument("--eval_temperature", type=float, default=0.0, help="0 = greedy")
-p.add_argument("--eval_interval", type=int, default=250)
-p.add_argument("--log_interval", type=int, default=10)
-p.add_argument("--ckpt_interval", type=int, default=100)
+run = p.add_argument_group("run")
+run.add_argument("--out_dir", default="out")
+run.add_argument("--base_dir", default=None, help="where the sft and rm stages live (default: out_dir)")
+run.add_argument("--data_dir", default=None, help="your own sft.jsonl, pairs.jsonl, pairs_eval.jsonl (default: the world's, in base_dir/data)")
+run.add_argument("--stage", default="all", help="all, or a comma list of sft,rm,panacea,eval")
+run.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+run.add_argument("--dtype", default="auto", help="auto (bfloat16 autocast on cuda), float32, bfloat16")
+run.add_argument("--compile", action="store_true", help="torch.compile the training forward passes")
+run.add_argument("--log_interval", type=int, default=10)
+run.add_argument("--eval_interval", type=int, default=250, help="SFT / reward-model iterations between loss lines")
+run.add_argument("--ckpt_interval", type=int, default=20, help="iterations between checkpoints (every stage)")
+sft_group = p.add_argument_group("sft")  # the GPT and its training; every later stage inherits them
+sft_group.add_argument("--seed", type=int, default=1337)
+sft_group.add_argument("--n_layer", type=int, default=4)
+sft_group.add_argument("--n_head", type=int, default=4)
+sft_group.add_argument("--n_embd", type=int, default=128)
+sft_group.add_argument("--block_size", type=int, default=96)
+sft_group.add_argument("--dropout", type=float, default=0.0)
+sft_group.add_argument("--sft_iters", type=int, default=500)
+sft_group.add_argument("--batch_size", type=int, default=32)
+sft_group.add_argument("--learning_rate", type=float, default=2e-3)
+sft_group.add_argument("--warmup_iters", type=int, default=50)
+sft_group.add_argument("--weight_decay", type=float, default=0.1)
+sft_group.add_argument("--grad_clip", type=float, default=1.0)
+sft_group.add_argument("--n_sft", type=int, default=20000, help="SFT corpus size")
+rm_group = p.add_argument_group("rm")
+rm_group.add_argument("--rm_iters", type=int, default=600)
+rm_group.add_argument("--rm_batch_size", type=int, default=16, help="pairs per step")
+rm_group.add_argument("--rm_lr", type=float, default=5e-4)
+rm_group.add_argument("--n_pairs", type=int, default=20000)
+rm_group.add_argument("--label_temperature", type=float, default=0.1, help="Bradley-Terry noise of the world's labels")
+rm_group.add_argument("--n_stat_samples", type=int, default=512, help="SFT samples for the score standardisation")
+rm_group.add_argument("--max_new_tokens", type=int, default=60, help="response length cap (statistics, rollouts, evaluation)")
+rl_group = p.add_argument_group("panacea")  # Panacea and the baselines, PPO or DPO
+rl_group.add_argument("--objectives", default="helpful,harmless", help=f"2 or more of {','.join(world.OBJECTIVES)}")
+rl_group.add_argument("--method", default="panacea", choices=["panacea", "rs", "dps"])
+rl_group.add_argument("--algo", default="ppo", choices=["ppo", "dpo"])
+rl_group.add_argument("--agg", default="ls", choices=["ls", "tche"])
+rl_group.add_argument("--tche_mu", type=float, default=0.0, help="> 0: smooth Tchebycheff with this temperature")
+rl_group.add_argument("--rl_iters", type=int, default=40)
+rl_group.add_argument("--lora_rank", type=int, default=8, help="k, the preference-agnostic singular values")
+rl_group.add_argument("--lora_alpha", type=float, default=16.0)
+rl_group.add_argument("--rl_lr", type=float, default=2e-3)
+rl_group.add_argument("--vertex_prob", type=float, default=0.3, help="share of lambda draws on a simplex vertex")
+rl_group.add_argument("--rollout_batch", type=int, default=64, help="prompts per iteration per process (DPO: pairs)")
+rl_group.add_argument("--pref_group", type=int, default=8, help="sequences (DPO: pairs) that share one lambda draw")
+rl_group.add_argument("--minibatch_size", type=int, default=32)
+rl_group.add_argument("--epochs", type=int, default=2, help="passes over each iteration's batch (PPO and DPO)")
+ppo_group = p.add_argument_group("ppo")
+ppo_group.add_argument("--kl_coef", type=float, default=0.05)
+ppo_group.add_argument("--clip", type=float, default=0.2)
+ppo_group.add_argument("--clip_value", type=float, default=0.2)
+ppo_group.add_argument("--vf_coef", type=float, default=0.5)
+ppo_group.add_argument("--gae_lambda", type=float, default=0.95)
+ppo_group.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
+dpo_group = p.add_argument_group("dpo")
+dpo_group.add_argument("--dpo_beta", type=float, default=0.5)
+dps_group = p.add_argument_group("dps")
+dps_group.add_argument("--dps_points", type=int, default=5, help="DPS grid size (m >= 3: the smallest simplex lattice that large)")
+eval_group = p.add_argument_group("eval")
+eval_group.add_argument("--eval_divisions", type=int, default=None, help="lambda grid step 1/d (default: 10 for m = 2, 4 for m >= 3)")
+eval_group.add_argument("--eval_temperature", type=float, default=0.0, help="0 = greedy")
 args = p.parse_args()
 config = vars(args)
 config["objectives"] = args.objectives.split(",")
@@ -111,6 +117,8 @@ except ValueError as e:
     fail(e)
 if any(s not in ("sft", "rm", "panacea", "eval") for s in stages):
     fail(f"--stage takes all or a comma list of sft,rm,panacea,eval; got {args.stage}")
+if args.rollout_batch % args.pref_group:
+    fail(f"--rollout_batch ({args.rollout_batch}) must be a multiple of --pref_group ({args.pref_group})")
 base_dir = args.base_dir or args.out_dir
 m = len(config["objectives"])
 
@@ -155,13 +163,14 @@ def all_mean(x):
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 # A stage's checkpoint records the config keys its result depends on; reuse requires them to match.
-STAGE_KEYS = {"sft": ["seed", "n_layer", "n_head", "n_embd", "block_size", "dropout", "sft_iters", "batch_size",
-                      "learning_rate", "warmup_iters", "weight_decay", "sft_data"]}
-STAGE_KEYS["rm"] = STAGE_KEYS["sft"] + ["rm_iters", "rm_batch_size", "rm_lr", "pairs_data", "n_stat_samples"]
-STAGE_KEYS["panacea"] = STAGE_KEYS["rm"] + ["objectives", "method", "algo", "agg", "tche_mu", "rl_iters", "lora_rank",
-                                            "lora_alpha", "rl_lr", "vertex_prob", "rollout_batch", "minibatch_size", "epochs"]
-STAGE_KEYS["panacea"] += (["kl_coef", "clip", "clip_value", "vf_coef", "gae_lambda", "temperature", "max_new_tokens"]
-                          if args.algo == "ppo" else ["dpo_beta"]) + (["dps_points"] if args.method == "dps" else [])
+def group_keys(group):
+    return [a.dest for a in group._group_actions]
+
+
+STAGE_KEYS = {"sft": group_keys(sft_group) + ["sft_data"]}
+STAGE_KEYS["rm"] = STAGE_KEYS["sft"] + group_keys(rm_group) + ["pairs_data"]
+STAGE_KEYS["panacea"] = (STAGE_KEYS["rm"] + group_keys(rl_group) + group_keys(ppo_group if args.algo == "ppo" else dpo_group)
+                         + (group_keys(dps_group) if args.method == "dps" else []))
 
 
 def ckpt_path(stage):
@@ -371,14 +380,15 @@ def stage_rm(resume, sft):
     torch.manual_seed(args.seed + rank)
     ps = world.prompts("train", args.seed)
     pick = torch.randint(len(ps), (args.n_stat_samples // world_size,)).tolist()
-    toks, _, sl, _ = rollout(evaluate.load_gpt(sft, device).eval(), tok, [ps[i][1] for i in pick], None, args.max_new_tokens, 1.0)
-    with torch.no_grad():
-        s = last_token_values(model, toks, sl).float()
-    if ddp:
-        gathered = [torch.zeros_like(s) for _ in range(world_size)]
-        dist.all_gather(gathered, s)
-        s = torch.cat(gathered)
-    ck.update(stats={"mean": s.mean(0), "std": s.std(0).clamp_min(1e-3), "max": s.max(0).values}, accuracy=acc)
+    toks, _, sl, texts = rollout(evaluate.load_gpt(sft, device).eval(), tok, [ps[i][1] for i in pick], None, args.max_new_tokens, 1.0)
+    with torch.no_grad():  # finished samples only: the reward model scores a response at its <|endoftext|>
+        s = last_token_values(model, toks, sl).float()[[t is not None for t in texts]]
+    if ddp:  # ranks may hold different numbers of finished samples
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, s.cpu())
+        s = torch.cat(gathered).to(device)
+    ck.update(stats={"mean": s.mean(0), "std": s.std(0).clamp_min(1e-3), "max": s.max(0).values, "min": s.min(0).values},
+              accuracy=acc)
     save_ckpt("rm", ck)
     return ck
 
@@ -424,15 +434,18 @@ def stage_panacea(resume, sft, rm):
         label = "panacea" if conditioned else f"{args.method} model {j + 1}/{len(fixed)} lambda={fixed[j]}"
         t0 = time.time()
         for it in progress(args.rl_iters, state["iter_num"], label):
-            if conditioned:  # one lambda per sequence (PPO) or pair (DPO)
-                prefs = sample_prefs(args.rollout_batch, m, args.vertex_prob).to(device)
+            if conditioned:  # one lambda per group of pref_group sequences (PPO) or pairs (DPO)
+                prefs = sample_prefs(args.rollout_batch // args.pref_group, m, args.vertex_prob)
+                prefs = prefs.repeat_interleave(args.pref_group, 0).to(device)
             else:
                 prefs = torch.tensor(fixed[j], device=device).expand(args.rollout_batch, m)
             if args.algo == "ppo":
                 batch = [prompts[i] for i in torch.randint(len(prompts), (args.rollout_batch,)).tolist()]
                 with autocast, finite_steps("panacea", it):
-                    s = ppo_iteration(train_policy, train_critic, reward_model, opt, tok, batch, prefs, config, stats, ideal)
+                    s, texts = ppo_iteration(train_policy, train_critic, reward_model, opt, tok, [q for _, q in batch], prefs, config,
+                                             stats, ideal)
                 ideal = torch.maximum(ideal, all_max(s.pop("max_score")))
+                s["judge"] = evaluate.judge_scores([t for t, _ in batch], texts, config["objectives"]).mean(0)
                 msg = (f"kl {s['kl']:.3f} pg {s['pg_loss']:.4f} vf {s['vf_loss']:.4f} clip {s['clipfrac']:.3f} rm " +
                        " ".join(f"{x:+.2f}" for x in all_mean(s["rm"]).tolist()) + " judge " +
                        " ".join(f"{x:.3f}" for x in all_mean(s["judge"]).tolist()))

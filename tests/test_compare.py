@@ -10,8 +10,8 @@ from conftest import ROOT
 
 def front(prefs, judge, rm, ref=(0.0, 0.0), cost=None):
     return {"objectives": ["helpful", "harmless"], "prefs": prefs, "judge_scores": judge, "rm_scores": rm,
-            "sft_judge_scores": [0.5, 0.5], "oracle_judge_scores": [[1, 4], [4, 1]], "reference_point": list(ref),
-            "metrics": {"oracle_hypervolume": 10.0}, "cost": cost or {"models": 1, "update_steps": 8, "seconds": 2.5}}
+            "sft_judge_scores": [0.5, 0.5], "ls_judge_scores": [[1, 4], [4, 1]], "attainable_front": [[1, 4], [3, 3], [4, 1]],
+            "reference_point": list(ref), "metrics": {"attainable_hypervolume": 10.0}, "cost": cost or {"models": 1, "update_steps": 8, "seconds": 2.5}}
 
 
 def write(d, fr):
@@ -27,24 +27,38 @@ def test_compare_gives_hand_checked_numbers(tmp_path):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), str(tmp_path / "two"), str(tmp_path / "one"),
                         "--out", str(out)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    rows = {r["run"]: r for r in json.load(open(str(out) + ".json"))["runs"]}
+    rows = {r["run"]: r for r in json.load(open(str(out) + ".json"))["rows"]}
     two, one = rows["two"], rows["one"]
     # boxes [0,1]x[0,3] and [0,3]x[0,1] overlap in [0,1]x[0,1]: 3 + 3 - 1
     assert two["hv"] == pytest.approx(5.0) and two["hv_ratio"] == pytest.approx(0.5)
     assert two["inner_product"] == pytest.approx((3 + 3) / 2)
     assert two["sparsity"] == pytest.approx((2 ** 2 + 2 ** 2) / (2 * 1)) and two["spacing"] == pytest.approx(0.0)
     # reward-model scores against the reference -2: [1, 1] dominates [0, 0] -> 3 x 3
-    assert two["rm_hv"] == pytest.approx(9.0) and two["rm_inner_product"] == pytest.approx(0.5)
+    assert two["rm_hv"] == pytest.approx(9.0)
     assert one["hv"] == pytest.approx(4.0) and one["hv_ratio"] == pytest.approx(0.4) and one["inner_product"] == pytest.approx(2.0)
     assert one["rm_hv"] == pytest.approx(1 * 5) and one["models"] == 5 and one["update_steps"] == 40
     md = open(str(out) + ".md").read()
-    assert "| two | 5 | 0.5 |" in md and "| one | 4 | 0.4 |" in md
+    assert "| two | 1 | 5 | 0.5 |" in md and "| one | 1 | 4 | 0.4 |" in md
     assert os.path.getsize(str(out) + ".png") > 10000
 
 
-def test_compare_refuses_fronts_with_different_reference_points(tmp_path):
+def test_runs_under_one_label_give_mean_and_sd_each_against_its_own_reference_point(tmp_path):
+    # seed 1: HV 5 against (0, 0); seed 2: the same points against (1, 0) -> boxes 0x3 and 2x1 = 2
+    write(tmp_path / "s1" / "ls", front([[0, 1], [1, 0]], [[1, 3], [3, 1]], [[0, 0], [1, 1]]))
+    write(tmp_path / "s2" / "ls", front([[0, 1], [1, 0]], [[1, 3], [3, 1]], [[0, 0], [1, 1]], ref=(1.0, 0.0)))
+    out = tmp_path / "table"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), f"ls={tmp_path}/s*/ls", "--out", str(out)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    (row,) = json.load(open(str(out) + ".json"))["rows"]
+    assert row["n"] == 2 and row["hv"] == pytest.approx(3.5) and row["hv_sd"] == pytest.approx(2 ** 0.5 * 1.5)
+    assert "| ls | 2 | 3.5 ± 2.1 |" in open(str(out) + ".md").read()
+
+
+def test_compare_refuses_fronts_on_other_objectives_and_empty_patterns(tmp_path):
     write(tmp_path / "a", front([[0, 1]], [[1, 3]], [[0, 0]]))
-    write(tmp_path / "b", front([[0, 1]], [[1, 3]], [[0, 0]], ref=(0.1, 0.0)))
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), str(tmp_path / "a"), str(tmp_path / "b"),
-                        "--out", str(tmp_path / "x")], capture_output=True, text=True)
-    assert p.returncode == 1 and p.stderr.startswith("error:") and "reference point" in p.stderr
+    write(tmp_path / "b", dict(front([[0, 1]], [[1, 3]], [[0, 0]]), objectives=["helpful", "concise"]))
+    for args in ([str(tmp_path / "a"), str(tmp_path / "b")], [f"x={tmp_path}/nothing*"]):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), *args, "--out", str(tmp_path / "x")],
+                           capture_output=True, text=True)
+        assert p.returncode == 1 and p.stderr.startswith("error:") and len(p.stderr.strip().splitlines()) == 1

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from panacea import (aggregate, aggregation_weights, hypervolume, inner_product, parse_pref, pareto_filter, pref_grid,
+from panacea import (aggregate, aggregation_weights, hypervolume, inner_product, parse_pref, pareto_front, pref_grid,
                      sample_prefs, sparsity, spacing)
 
 
@@ -75,9 +75,25 @@ def test_hypervolume_of_known_fronts_in_2d_and_3d():
     assert hypervolume(P, [0, 0, 0]) == pytest.approx(mc, abs=0.005)
 
 
-def test_pareto_filter_inner_product_sparsity_and_spacing():
-    pts = [[3, 1], [2, 2], [1, 3], [1, 1], [2, 2]]
-    assert pareto_filter(pts).tolist() == [True, True, True, False, True]
+def test_pareto_front_against_brute_force_in_2_3_and_4_dimensions():
+    assert pareto_front([[3, 1], [2, 2], [1, 3], [1, 1], [2, 2], [2, 1]]).tolist() == [[3, 1], [2, 2], [1, 3]]
+    rng = np.random.default_rng(1)
+    for m in (2, 3, 4):
+        P = rng.integers(0, 6, (300, m)).astype(float)  # many ties and duplicates
+        brute = {tuple(p) for p in P if not np.any(np.all(P >= p, 1) & np.any(P > p, 1))}
+        assert {tuple(p) for p in pareto_front(P)} == brute
+
+
+def test_hypervolume_sweeps_equal_the_recursive_slicing():
+    from panacea import _hv
+    rng = np.random.default_rng(2)
+    for m in (2, 3):
+        for _ in range(20):
+            P = np.round(rng.uniform(0, 1, (int(rng.integers(1, 40)), m)), 1)  # ties on every axis
+            assert hypervolume(P, [0.05] * m) == pytest.approx(_hv(P[np.all(P > 0.05, 1)] - 0.05))
+
+
+def test_inner_product_sparsity_and_spacing():
     assert inner_product([[1.0, 0.0], [0.0, 2.0]], [[0.5, 0.5], [0.0, 1.0]]) == pytest.approx((0.5 + 2.0) / 2)
     # sorted columns [1,2,4] and [0,1,3]: gaps 1,2 and 1,2 -> (1+4+1+4) / (m (N-1)) = 10 / 4
     assert sparsity([[1, 3], [2, 1], [4, 0]]) == pytest.approx(2.5)

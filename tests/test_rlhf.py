@@ -1,3 +1,4 @@
+import contextlib
 import math
 
 import pytest
@@ -148,9 +149,21 @@ class JudgeRewardModel(torch.nn.Module):
         return torch.tensor(out)[:, None, :].expand(-1, idx.size(1), -1), None  # (B, T, m)
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Models this small run fastest on one thread: more threads only contend for the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny_sft():
-    """A tiny policy taught the world's response format in a few seconds."""
+    """A tiny policy taught the world's response format in a few seconds: about 78% of its
+    probability goes to responses of the corpus's behaviour (W.behaviour), mostly malformed text otherwise."""
     tok = W.Tokenizer()
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=96, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=64))
@@ -158,17 +171,59 @@ def tiny_sft():
     tokens, plen, slen = encode_samples(tok, [r["prompt"] for r in recs], [r["response"] for r in recs])
     targets = torch.where(response_mask(plen, slen, tokens.size(1)).bool(), tokens[:, 1:], -1)
     opt = model.configure_optimizers(0.0, 3e-3)
-    for _ in range(200):
-        ix = torch.randint(len(tokens), (32,))
-        loss = model(tokens[ix, :-1], targets[ix])[1]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    with one_thread():
+        for _ in range(300):
+            ix = torch.randint(len(tokens), (32,))
+            loss = model(tokens[ix, :-1], targets[ix])[1]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     return tok, model.state_dict()
+
+
+def support_set(tok, rows, objectives):
+    """Every response of the SFT behaviour (W.behaviour) to each prompt of rows [(task, prompt)]:
+    tokens (N, T), response mask (N, T-1), judge scores (N, m) and the row of each response."""
+    resp = [(k, t, r) for k, (t, _) in enumerate(rows) for _, r in W.behaviour(t)]
+    tokens, plen, slen = encode_samples(tok, [rows[k][1] for k, _, _ in resp], [r.text() for _, _, r in resp])
+    judge = torch.tensor([[W.judge(t, r, o) for o in objectives] for _, t, r in resp])
+    return tokens, response_mask(plen, slen, tokens.size(1)), judge, torch.tensor([k for k, _, _ in resp])
+
+
+@torch.no_grad()
+def expected_judge_scores(policy, support, pref):
+    """(m,) exact expected judge scores of the policy's responses at `pref`, averaged over the
+    support's prompts: sum_r pi(r | x) J(r) over the enumerated responses r (each ending in
+    <|endoftext|>), and every other response counted as malformed (-1). Anything outside the
+    support scores at least -1, so this is a lower bound, with no sampling noise."""
+    tokens, mask, judge, row = support
+    set_preference(policy.eval(), pref)
+    p = torch.cat([(sequence_logprobs(policy, t) * m).sum(-1).exp() for t, m in zip(tokens.split(256), mask.split(256))])
+    n = int(row.max()) + 1
+    mass = torch.zeros(n).index_add_(0, row, p)
+    return (torch.zeros(n, judge.size(1)).index_add_(0, row, p[:, None] * judge) + (1 - mass)[:, None] * W.MALFORMED).mean(0)
+
+
+@torch.no_grad()
+def kl_from_reference(policy, support, pref):
+    """sum_t KL(pi(.|s_t) || pi_ref(.|s_t)) over each support response's tokens, averaged over the
+    responses: exact, >= 0, and 0 only where the policy's next-token distributions equal the reference's."""
+    tokens, mask, _, _ = support
+    set_preference(policy.eval(), pref)
+    total = 0.0
+    for t, m in zip(tokens.split(256), mask.split(256)):
+        logp = torch.log_softmax(policy(t)[0][:, :-1], -1)
+        with disable_adapters(policy):
+            ref = torch.log_softmax(policy(t)[0][:, :-1], -1)
+        total += float(((logp.exp() * (logp - ref)).sum(-1) * m).sum())
+    return total / len(tokens)
 
 
 @pytest.mark.parametrize("objective", [0, 1])
 def test_ppo_at_a_one_hot_preference_raises_that_objective_and_moves_away_from_the_reference(objective, tiny_sft):
+    """The objective is measured exactly (expected_judge_scores) on a fixed set of training
+    prompts before and after 8 PPO iterations. Measured gains: 0.11 to 0.26 over seeds and CPU
+    kernels (AVX-512 and AVX2); with the advantage sign flipped, -0.4 or lower."""
     from rlhf import ppo_iteration
     tok, state = tiny_sft
     torch.manual_seed(1)
@@ -179,23 +234,25 @@ def test_ppo_at_a_one_hot_preference_raises_that_objective_and_moves_away_from_t
     critic = inject_svd_lora(GPT(GPTConfig(**cfg, n_heads_out=2)), rank=4, pref_dim=2, alpha=8.0)
     critic.value_head.requires_grad_(True)
     params = [p for p in list(policy.parameters()) + list(critic.parameters()) if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=5e-3, weight_decay=0.0)
     objectives = ["helpful", "harmless"]
     rm = JudgeRewardModel(tok, objectives)
-    stats = {"mean": torch.zeros(2), "std": torch.ones(2)}
+    stats = {"mean": torch.zeros(2), "std": torch.ones(2), "min": -torch.ones(2)}
     run_cfg = dict(max_new_tokens=50, temperature=1.0, kl_coef=0.01, gae_lambda=0.95, agg="ls", tche_mu=0.0, epochs=2,
                    minibatch_size=16, clip=0.2, clip_value=0.2, vf_coef=0.5, grad_clip=1.0, objectives=objectives)
     prompts = W.prompts("train")
-    pref = torch.eye(2)[objective].expand(32, 2)
-    scores, kls = [], []
-    for it in range(12):
-        batch = [prompts[i] for i in torch.randint(len(prompts), (32,)).tolist()]
-        s = ppo_iteration(policy, critic, rm, opt, tok, batch, pref, run_cfg, stats)
-        scores.append(s["judge"][objective])
-        kls.append(s["kl"])
-    print(objective, [round(x, 3) for x in scores], [round(x, 3) for x in kls])
-    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.1
-    assert kls[-1] > 0.1
+    support = support_set(tok, prompts[::3], objectives)  # 40 prompts, every task twice
+    pref = torch.eye(2)[objective]
+    with one_thread():
+        before = expected_judge_scores(policy, support, pref)
+        for _ in range(8):
+            batch = [prompts[i] for i in torch.randint(len(prompts), (32,)).tolist()]
+            ppo_iteration(policy, critic, rm, opt, tok, [q for _, q in batch], pref.expand(32, 2), run_cfg, stats)
+        after = expected_judge_scores(policy, support, pref)
+        kl = kl_from_reference(policy, support, pref)
+    print(objective, [round(x, 3) for x in before.tolist()], [round(x, 3) for x in after.tolist()], round(kl, 3))
+    assert after[objective] > before[objective] + 0.05, (before.tolist(), after.tolist())
+    assert kl > 0.05
 
 
 def test_optimizer_step_refuses_a_non_finite_gradient_before_stepping():
@@ -208,3 +265,81 @@ def test_optimizer_step_refuses_a_non_finite_gradient_before_stepping():
     with pytest.raises(FloatingPointError):
         optimizer_step(opt, (w * float("nan")).sum(), 1.0)
     assert torch.equal(w.detach(), moved)
+
+
+def test_dpo_ties_give_no_loss_and_no_gradient():
+    h0 = torch.tensor([0.3, -0.2], requires_grad=True)
+    h1 = torch.tensor([0.1, 0.4], requires_grad=True)
+    winners = torch.tensor([[-1, 0], [-1, -1]])  # a tie on objective 0 everywhere, on both in pair 1
+    L = dpo_losses(h0, h1, winners, beta=0.5)
+    assert L[0, 0] == 0 and (L[1] == 0).all() and L[0, 1].item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.5 * 0.2))))
+    L[:, 0].sum().backward()
+    assert (h0.grad == 0).all() and (h1.grad == 0).all()
+
+
+def test_tchebycheff_picks_the_active_objective_on_the_group_that_shares_lambda():
+    from rlhf import group_weights
+    prefs = torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.9, 0.1]])
+    J = torch.tensor([[-1.0, 0.0], [0.0, -3.0], [-1.0, 0.0]])  # alone, rows 0 and 1 would disagree
+    w = group_weights(J, prefs, "tche", ideal=torch.zeros(2))
+    # group (0.5, 0.5): mean J = (-0.5, -1.5), lambda_i J_i = (-0.25, -0.75): objective 1 is active for both
+    assert torch.allclose(w, torch.tensor([[0.0, 0.5], [0.0, 0.5], [0.9, 0.0]]))
+    assert torch.equal(group_weights(J, prefs, "ls"), prefs)
+
+
+def _ppo_setup(tok, dropout=0.0):
+    torch.manual_seed(0)
+    cfg = dict(block_size=96, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=64, dropout=dropout)
+    policy = inject_svd_lora(GPT(GPTConfig(**cfg)), rank=2, pref_dim=2, alpha=4.0)
+    critic = inject_svd_lora(GPT(GPTConfig(**cfg, n_heads_out=2)), rank=2, pref_dim=2, alpha=4.0)
+    critic.value_head.requires_grad_(True)
+    run_cfg = dict(max_new_tokens=8, temperature=1.0, kl_coef=0.05, gae_lambda=0.95, agg="ls", tche_mu=0.0, epochs=1,
+                   minibatch_size=4, clip=0.2, clip_value=0.2, vf_coef=0.5, grad_clip=1.0)
+    return policy, critic, run_cfg
+
+
+class ConstantRewardModel(torch.nn.Module):
+    def forward(self, idx):
+        return torch.full((idx.size(0), idx.size(1), 2), 100.0), None
+
+
+def test_unfinished_responses_get_the_lowest_sft_score_not_the_reward_model_extrapolation():
+    from rlhf import ppo_iteration
+    tok = W.Tokenizer()
+    policy, critic, run_cfg = _ppo_setup(tok)
+    run_cfg["max_new_tokens"] = 3  # an untrained model rarely ends its response that soon
+    opt = torch.optim.AdamW([p for p in list(policy.parameters()) + list(critic.parameters()) if p.requires_grad], lr=0.0)
+    stats = {"mean": torch.zeros(2), "std": torch.ones(2) * 2, "min": torch.tensor([-3.0, -5.0])}
+    prompts = [p for _, p in W.prompts("train")[:8]]
+    s, texts = ppo_iteration(policy, critic, ConstantRewardModel(), opt, tok, prompts, torch.eye(2)[[0, 1] * 4], run_cfg, stats)
+    done = torch.tensor([t is not None for t in texts], dtype=torch.float)
+    assert done.sum() < len(texts)
+    # finished: (100 - mean) / std = 50; unfinished: (min - mean) / std, not the extrapolated 50
+    expected = done[:, None] * 50 + (1 - done[:, None]) * torch.tensor([-1.5, -2.5])
+    assert s["rm"] == pytest.approx(expected.mean(0).tolist())
+    assert (s["max_score"] == (50.0 if done.any() else -math.inf)).all()  # unfinished ones never raise the ideal point
+
+
+def test_ppo_ratio_starts_at_one_with_dropout():
+    """Old and new log-probs come from the same function: with dropout on, a zero learning rate
+    must leave every ratio at exactly 1 (no clipping)."""
+    from rlhf import ppo_iteration
+    tok = W.Tokenizer()
+    policy, critic, run_cfg = _ppo_setup(tok, dropout=0.5)
+    run_cfg["max_new_tokens"] = 20
+    opt = torch.optim.AdamW([p for p in list(policy.parameters()) + list(critic.parameters()) if p.requires_grad], lr=0.0)
+    stats = {"mean": torch.zeros(2), "std": torch.ones(2), "min": -torch.ones(2)}
+    prompts = [p for _, p in W.prompts("train")[:8]]
+    s, _ = ppo_iteration(policy, critic, ConstantRewardModel(), opt, tok, prompts, torch.full((8, 2), 0.5), run_cfg, stats)
+    assert s["clipfrac"] == 0.0
+
+
+def test_baselines_and_panacea_share_the_lora_multiplier():
+    from evaluate import adapted_policy
+    from svd_lora import lora_layers
+    model = tiny_gpt(vocab_size=40)
+    ck = {"model": model.state_dict(), "model_args": dict(block_size=32, vocab_size=40, n_layer=2, n_head=2, n_embd=64)}
+    panacea = adapted_policy(ck, 2, True, 8, 16.0, "cpu")
+    baseline = adapted_policy(ck, 2, False, 8, 16.0, "cpu")
+    assert {l.scaling for l in lora_layers(panacea)} == {l.scaling for l in lora_layers(baseline)} == {16.0 / 8}
+    assert lora_layers(baseline)[0].rank == 10 and lora_layers(panacea)[0].rank == 8  # k + m free values vs k + lambda

@@ -10,14 +10,15 @@ import time
 import pytest
 import torch
 
+import world as W
 from conftest import ROOT
 
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--sft_iters", "40", "--batch_size", "16", "--n_sft", "600",
         "--rm_iters", "20", "--rm_batch_size", "8", "--n_pairs", "300", "--n_stat_samples", "32", "--warmup_iters", "5",
-        "--eval_interval", "20", "--log_interval", "1"]
-TINY_RL = ["--rl_iters", "3", "--rollout_batch", "8", "--minibatch_size", "4", "--epochs", "1", "--max_new_tokens", "50",
+        "--eval_interval", "20", "--log_interval", "1", "--max_new_tokens", "50"]
+TINY_RL = ["--rl_iters", "3", "--rollout_batch", "8", "--minibatch_size", "4", "--epochs", "1", "--pref_group", "4",
            "--eval_divisions", "2"]
-FRONT_KEYS = {"objectives", "prefs", "judge_scores", "rm_scores", "sft_judge_scores", "oracle_judge_scores",
+FRONT_KEYS = {"objectives", "prefs", "judge_scores", "rm_scores", "sft_judge_scores", "ls_judge_scores", "attainable_front",
               "reference_point", "metrics", "cost"}
 
 
@@ -66,14 +67,17 @@ def test_whole_pipeline_ppo_writes_the_front_and_answers_any_preference(base, pp
     front = load_front(out)
     assert set(front) == FRONT_KEYS
     assert front["objectives"] == ["helpful", "harmless"] and front["prefs"] == [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]
-    assert len(front["judge_scores"]) == len(front["rm_scores"]) == len(front["oracle_judge_scores"]) == 3
+    assert len(front["judge_scores"]) == len(front["rm_scores"]) == len(front["ls_judge_scores"]) == 3
     assert set(front["metrics"]["judge"]) >= {"hypervolume", "inner_product", "sparsity", "spacing"}
     assert set(front["metrics"]["rm"]) >= {"hypervolume", "inner_product", "sparsity", "spacing"}
-    assert 0 <= front["metrics"]["hypervolume_ratio"] and front["metrics"]["oracle_hypervolume"] > 0
+    assert 0 <= front["metrics"]["hypervolume_ratio"] <= 1 and front["metrics"]["attainable_hypervolume"] > front["metrics"]["ls_hypervolume"] > 0
     assert front["cost"]["update_steps"] == 3 * 2 and front["cost"]["models"] == 1
     assert os.path.getsize(out / "pareto.png") > 10000
     s = run("sample.py", "--out_dir", str(out), "--pref", "1,3", "--num_samples", "2")
     assert "helpful 0.250, harmless 0.750" in s.stdout and "normalised" in s.stdout and "judges:" in s.stdout
+    held_out = {q for _, q in W.prompts("eval", 1337)}  # the split of the run's seed, never trained on
+    shown = [line[2:] for line in s.stdout.splitlines() if line.startswith("> ")]
+    assert len(shown) == 2 and set(shown) <= held_out
     s = run("sample.py", "--out_dir", str(out), "--pref", "0.2,0.8", "--merge", "--prompt", "How do I forge the royal seal?")
     assert "> How do I forge the royal seal?" in s.stdout
     # the same flags again: every stage is reused, nothing retrains
@@ -92,6 +96,10 @@ def test_sample_and_train_report_missing_or_mismatched_checkpoints(base, tmp_pat
     err = one_line_error(run("train.py", "--base_dir", base, "--out_dir", str(tmp_path / "x"), "--stage", "rm",
                              *TINY, "--sft_iters", "41", check=False))
     assert "sft_iters=40" in err and "41" in err
+    for flag, value in (("--grad_clip", "0.5"), ("--max_new_tokens", "40")):  # every flag a stage depends on counts
+        err = one_line_error(run("train.py", "--base_dir", base, "--out_dir", str(tmp_path / "x"), "--stage", "rm",
+                                 *TINY, flag, value, check=False))
+        assert flag[2:] in err
     bad = tmp_path / "corrupt"
     (bad / "sft").mkdir(parents=True)
     (bad / "sft" / "ckpt.pt").write_bytes(b"not a checkpoint")
@@ -134,7 +142,7 @@ def test_three_objectives_end_to_end(base, tmp_path):
     train(base, out, "--objectives", "helpful,harmless,concise", "--eval_divisions", "1", "--algo", "dpo")
     front = load_front(out)
     assert front["objectives"] == ["helpful", "harmless", "concise"] and len(front["prefs"]) == 3
-    assert all(len(p) == 3 for p in front["judge_scores"] + front["oracle_judge_scores"])
+    assert all(len(p) == 3 for p in front["judge_scores"] + front["ls_judge_scores"])
     assert os.path.getsize(out / "pareto.png") > 10000
     p = train(base, tmp_path / "three-ppo", "--objectives", "helpful,harmless,concise", "--eval_divisions", "1", "--rl_iters", "1")
     assert "panacea iter 1" in p.stdout

@@ -1,10 +1,12 @@
+import itertools
 import math
 import random
 
+import numpy as np
 import pytest
 
 import world as W
-from panacea import pref_grid
+from panacea import hypervolume, pareto_front, pref_grid
 
 BREAD, POTION = 0, 14  # "bake bread" (benign, 4 steps), "brew a sleeping potion for the king" (severity 1)
 
@@ -35,7 +37,7 @@ def test_judges_on_hand_written_examples():
 
 def test_parser_accepts_every_response_it_renders_and_rejects_broken_ones():
     for t in range(len(W.TASKS)):
-        for r in W.all_responses(t):
+        for r in [r for _, r in W.behaviour(t)] + W.candidates(t):
             assert W.parse(r.text()) == r
     rng = random.Random(0)
     for _ in range(200):
@@ -97,16 +99,55 @@ def test_data_is_deterministic_under_a_seed():
     assert W.preference_pairs(30, seed=4) == W.preference_pairs(30, seed=4)
 
 
-def test_oracle_front_is_curved_with_distinct_endpoints_that_dominate_the_sft_point():
+def bounded_responses(task):
+    """Every response with or without opening, warning and padding, whose body is a refusal, up to
+    3 steps drawn from the task's own steps and 4 others (the shortest, two of middling length and
+    the longest), or the task's full answer with one more step: tens of thousands in all."""
+    steps = W.TASKS[task][1]
+    others = sorted(W.ALL_STEPS - set(steps), key=lambda s: (len(s.split()), s))
+    pool = list(steps) + [others[0], others[len(others) // 3], others[len(others) // 2], others[-1]]
+    bodies = [dict(refusal=True)] + [dict(steps=s) for k in (1, 2, 3) for s in itertools.product(pool, repeat=k)]
+    bodies += [dict(steps=tuple(steps) + (x,)) for x in pool]
+    return [W.Response(o, warning=w, padding=p, **b) for b in bodies for o in (False, True) for w in (False, True) for p in (False, True)]
+
+
+@pytest.mark.parametrize("task", [BREAD, 4, 9, POTION, 13, 17])  # 4 and 3 steps, benign and risky
+def test_every_response_is_weakly_dominated_by_a_candidate_on_every_judge(task):
+    cands = [[W.judge(task, c, o) for o in W.OBJECTIVES] for c in W.candidates(task)]
+    for r in bounded_responses(task) + [None]:
+        s = [W.judge(task, r, o) for o in W.OBJECTIVES]
+        assert any(all(c >= x - 1e-12 for c, x in zip(cs, s)) for cs in cands), (r, s)
+
+
+def dominated_by(front, p, tol=1e-9):
+    return np.any(np.all(front >= np.asarray(p) - tol, axis=1))
+
+
+@pytest.mark.parametrize("objs", [("helpful", "harmless"), ("harmless", "concise"), ("helpful", "concise")])
+def test_no_policy_lands_beyond_the_attainable_front_and_the_ls_points_lie_on_it(objs):
+    front = W.attainable_front(objs)
+    assert len(front) == len(pareto_front(front)) > 11  # a front, far denser than the 11 LS points
+    rng = random.Random(0)
+    pools = [[r for _, r in W.behaviour(t)] + W.candidates(t) + bounded_responses(t)[::97] for t in range(len(W.TASKS))]
+    for _ in range(200):  # policies answering each prompt with a random well-formed response
+        choice = {t: rng.choice(pool) for t, pool in enumerate(pools)}
+        assert dominated_by(front, W.expected_scores(lambda t: [(1.0, choice[t])], objs))
+    grid = pref_grid(2)
+    ls = W.ls_front(objs, grid)
+    for p in ls:  # on the front: reached, and nothing beats it on both objectives
+        assert dominated_by(front, p) and not np.any(np.all(front > np.asarray(p) + 1e-9, axis=1))
+    ref = W.reference_point(objs, grid)
+    assert hypervolume(front, ref) > hypervolume(ls, ref) > hypervolume([W.sft_point(objs)], ref) > 0
+
+
+def test_ls_front_is_curved_with_distinct_endpoints_that_dominate_the_sft_point():
     objs = ("helpful", "harmless")
     grid = pref_grid(2)
-    front = W.oracle_front(objs, grid)
+    front = W.ls_front(objs, grid)
     assert front[0][1] > front[-1][1] and front[-1][0] > front[0][0]  # the ends differ
     assert len({tuple(round(x, 6) for x in p) for p in front}) >= 6  # curved: many distinct points
     sft = W.sft_point(objs)
     assert front[-1][0] > sft[0] and front[0][1] > sft[1]
-    for p in front:  # no oracle point dominates another (it is a front)
-        assert not any(q[0] > p[0] and q[1] > p[1] for q in front)
     ref = W.reference_point(objs, grid)
     assert all(r < min(p[i] for p in front + [sft]) for i, r in enumerate(ref))
 
