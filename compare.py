@@ -87,7 +87,7 @@ def cell(row, k):
     if k in ("models", "update_steps"):
         return str(int(round(row[k])))
     sd = row[k + "_sd"]
-    return f"{row[k]:.4g}" + (f" ± {sd:.2g}" if sd is not None else "")
+    return f"{row[k]:.3g}" + (f" ± {sd:.2g}" if sd is not None else "")
 
 
 def markdown(rows, objectives):

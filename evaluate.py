@@ -242,7 +242,7 @@ def plot_fronts(runs, path):
         att = first["attainable_front"]
         if m == 2:  # the attainable front is a staircase of many points; LS picks some of them
             att = sorted(att)
-            ax.step([p[a] for p in att], [p[b] for p in att], "k-", where="post", lw=0.8, alpha=0.6, label="attainable front")
+            ax.step([p[a] for p in att], [p[b] for p in att], "k-", where="pre", lw=0.8, alpha=0.6, label="attainable front")
         else:
             ax.plot([p[a] for p in att], [p[b] for p in att], ".", color="0.8", ms=1, label="attainable front (projected)")
         ls = first["ls_judge_scores"]

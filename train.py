@@ -80,6 +80,7 @@ rl_group.add_argument("--rl_iters", type=int, default=40)
 rl_group.add_argument("--lora_rank", type=int, default=8, help="k, the preference-agnostic singular values")
 rl_group.add_argument("--lora_alpha", type=float, default=16.0)
 rl_group.add_argument("--rl_lr", type=float, default=2e-3)
+rl_group.add_argument("--rl_schedule", default="constant", choices=["constant", "cosine"], help="adapter lr: constant, or cosine decay to rl_lr / 10")
 rl_group.add_argument("--vertex_prob", type=float, default=0.3, help="share of lambda draws on a simplex vertex")
 rl_group.add_argument("--rollout_batch", type=int, default=64, help="prompts per iteration per process (DPO: pairs)")
 rl_group.add_argument("--pref_group", type=int, default=8, help="sequences (DPO: pairs) that share one lambda draw")
@@ -434,6 +435,9 @@ def stage_panacea(resume, sft, rm):
         label = "panacea" if conditioned else f"{args.method} model {j + 1}/{len(fixed)} lambda={fixed[j]}"
         t0 = time.time()
         for it in progress(args.rl_iters, state["iter_num"], label):
+            if args.rl_schedule == "cosine":
+                for g in opt.param_groups:
+                    g["lr"] = cosine_lr(it, args.rl_iters, args.rl_lr, 0)
             if conditioned:  # one lambda per group of pref_group sequences (PPO) or pairs (DPO)
                 prefs = sample_prefs(args.rollout_batch // args.pref_group, m, args.vertex_prob)
                 prefs = prefs.repeat_interleave(args.pref_group, 0).to(device)
