@@ -21,7 +21,7 @@ import world
 from model import GPT, GPTConfig
 from panacea import front_metrics, hypervolume, pref_grid
 from rlhf import last_token_values, rollout
-from svd_lora import inject_svd_lora, lora_layers, preference_dim, set_preference
+from svd_lora import inject_svd_lora, lora_layers, set_preference
 
 RM_REFERENCE = -2.0  # reward-model hypervolume reference: 2 SFT standard deviations below the SFT mean
 MAX_STORED = 5000  # attainable-front points kept in front.json
