@@ -91,17 +91,9 @@ def pareto_front(points):
         return P[P[:, 1] > higher_before]
     keep = np.zeros(len(P), dtype=bool)
     if P.shape[1] == 3:
-        ys, zs = [], []  # staircase of kept points: ys ascending, zs descending
+        ys, zs = [], []  # staircase of kept points (y, z); an earlier point has x' >= x
         for i, (_, y, z) in enumerate(P):
-            j = bisect.bisect_left(ys, y)
-            if j < len(ys) and zs[j] >= z:  # an earlier point has y' >= y and z' >= z (and x' >= x)
-                continue
-            keep[i] = True
-            hi = bisect.bisect_right(ys, y)
-            lo = hi
-            while lo > 0 and zs[lo - 1] <= z:  # staircase points that (y, z) now covers
-                lo -= 1
-            ys[lo:hi], zs[lo:hi] = [y], [z]
+            keep[i] = _staircase_insert(ys, zs, y, z) is not None
         return P[keep]
     for i, p in enumerate(P):
         K = P[keep]
@@ -125,19 +117,32 @@ def hypervolume(points, ref):
     P = P[np.argsort(-P[:, 2], kind="stable")]
     xs, ys, area, vol = [], [], 0.0, 0.0  # the slab's staircase: xs ascending, ys descending
     for i, (x, y, z) in enumerate(P):
-        j = bisect.bisect_left(xs, x)
-        if not (j < len(xs) and ys[j] >= y):
-            hi = bisect.bisect_right(xs, x)
-            lo = hi
-            while lo > 0 and ys[lo - 1] <= y:
-                lo -= 1
-            left = xs[lo - 1] if lo > 0 else 0.0
-            old = sum((xs[k] - (xs[k - 1] if k > 0 else 0.0)) * ys[k] for k in range(lo, min(hi + 1, len(xs))))
-            new = (x - left) * y + ((xs[hi] - x) * ys[hi] if hi < len(xs) else 0.0)
-            area += new - old
-            xs[lo:hi], ys[lo:hi] = [x], [y]
+        covered = _staircase_insert(xs, ys, x, y)
+        if covered is not None:  # the area of the union of boxes [0, x_k] x [0, y_k], updated locally
+            lo, old_xs, old_ys, right = covered
+            prev = xs[lo - 1] if lo > 0 else 0.0
+            old = sum((a - b) * c for a, b, c in zip(old_xs, [prev] + old_xs[:-1], old_ys))
+            if right is not None:  # the next point's step now starts at x instead of at the last covered one
+                old += (right[0] - (old_xs[-1] if old_xs else prev)) * right[1]
+            area += (x - prev) * y + ((right[0] - x) * right[1] if right is not None else 0.0) - old
         vol += area * (z - (P[i + 1, 2] if i + 1 < len(P) else 0.0))
     return float(vol)
+
+
+def _staircase_insert(us, vs, u, v):
+    """A 2-D staircase of mutually non-dominated points, us ascending and vs descending (lists,
+    changed in place). Insert (u, v) unless a point has u' >= u and v' >= v (then None); drop the
+    points (u, v) now covers. Returns (index of u, covered us, covered vs, the next point or None)."""
+    j = bisect.bisect_left(us, u)
+    if j < len(us) and vs[j] >= v:
+        return None
+    hi = bisect.bisect_right(us, u)
+    lo = hi
+    while lo > 0 and vs[lo - 1] <= v:
+        lo -= 1
+    covered = (lo, us[lo:hi], vs[lo:hi], (us[hi], vs[hi]) if hi < len(us) else None)
+    us[lo:hi], vs[lo:hi] = [u], [v]
+    return covered
 
 
 def _hv(P):

@@ -335,22 +335,15 @@ def read_jsonl(path, keys):
 # ----------------------------------------------------------------------------------------------
 # Exact expectations and the attainable front (held-out prompts)
 #
-# Which responses can be Pareto-optimal, for any set of the judges? The grammar allows unboundedly
-# many, but each judge depends on a response only through (n, w, warn, pad, refusal, opening, words),
-# and every judge is weakly monotone in them as follows (same n, w, warn, refusal):
-#   opening, padding: never raise a score and cost words          -> leave them out
-#   any step other than a correct prefix counts in w: helpful -0.25 each, harmless unchanged, more words
-#     -> with n >= 1 correct leading steps, w = 0 is at least as good on every judge;
-#     -> with n = 0 (no correct first step), one wrong step is the only way to answer without a
-#        refusal: on a benign task it escapes the over-refusal penalty, and a short one beats a
-#        refusal on concise; of those, the fewest words is at least as good on every judge.
-# So candidates(task) = {refusal, first n steps (n = 1..N), the shortest wrong step} x {warning or
-# not}: every well-formed response is weakly dominated by one of them (tests/test_world.py checks it
-# by brute force on a bounded response space), and malformed text (-1 everywhere) by a refusal.
-# A policy may answer every prompt differently, so the attainable set of expected scores over the
-# prompts is the Minkowski sum of the per-prompt sets divided by their number; Pareto-filtering
-# after each prompt keeps it small. With one answer per prompt (greedy decoding, the default
-# evaluation) nothing a policy does lies beyond it.
+# Which responses can be Pareto-optimal, for any set of the judges? Opening and padding never raise
+# a score and cost words. With n >= 1 correct leading steps, any other step only costs (helpful
+# -0.25, harmless unchanged, more words). With n = 0, one wrong step is the only answer that is not
+# a refusal: on a benign task it escapes the over-refusal penalty, and a short one beats a refusal
+# on concise; the fewest words is best. So {refusal, first n steps, the shortest wrong step} x
+# {warning or not} weakly dominates every response (tests/test_world.py checks it by brute force),
+# and a refusal dominates malformed text. A policy may answer every prompt differently, so the
+# attainable set is the Minkowski sum of the per-prompt sets / n, Pareto-filtered after each prompt;
+# with one answer per prompt (greedy decoding, the default evaluation) nothing lies beyond it.
 
 def candidates(task):
     """The responses to `task` that can be Pareto-optimal for any set of the judges (see above)."""
@@ -378,7 +371,7 @@ def _attainable(objectives, split, seed, cache_dir):
     ps = prompts(split, seed)
     sets = [pareto_front([[judge(t, r, o) for o in objectives] for r in candidates(t)]) for t, _ in ps]
     path = None
-    if cache_dir:  # three objectives take a minute: keep the result, named by the sets it sums
+    if cache_dir:  # three objectives take 20 s or more: keep the result, named by the sets it sums
         key = hashlib.sha256(b"".join(S.tobytes() for S in sets)).hexdigest()[:16]
         path = os.path.join(cache_dir, f"attainable-{'-'.join(objectives)}-{split}-{key}.npy")
         if os.path.exists(path):
@@ -389,16 +382,17 @@ def _attainable(objectives, split, seed, cache_dir):
     front = front / len(ps)
     if path:
         os.makedirs(cache_dir, exist_ok=True)
-        with open(path + ".tmp", "wb") as f:
+        tmp = f"{path}.{os.getpid()}.tmp"  # one per process: DDP ranks may write it at once
+        with open(tmp, "wb") as f:
             np.save(f, front)
-        os.replace(path + ".tmp", path)
+        os.replace(tmp, path)
     return front
 
 
 def attainable_front(objectives, split="eval", seed=0, cache_dir=None):
     """(K, m) array: the Pareto front of the expected judge scores that any policy answering each
     of the split's prompts with one response can reach (the physical limit of the world). A few
-    hundred points for two objectives (under a second); some 10^5 for three (about a minute, so
+    hundred points for two objectives (under a second); some 10^5 for three (20 s or more, so
     it is kept in cache_dir when one is given)."""
     return _attainable(tuple(objectives), split, seed, cache_dir).copy()
 
