@@ -8,10 +8,12 @@ machine's load cancels out of a ratio far better than out of a time):
     merged forward / base forward                   merge(): zero inference overhead (~1.0)
     generation without / with KV cache              the cache's speed-up
     rollout in one left-padded call / by prompt length  batching prompts of different lengths
+    log-probs from mid-sequence on / at every position   rlhf.sequence_logprobs on the response only
     trainable parameters / all parameters
 
     python bench.py                      # the world's model size, on cuda if available
     python bench.py --n_layer 8 --n_embd 512 --device cuda
+    python bench.py --init_from smollm2-135m-instruct --batch_size 4 --repeats 3   # the pretrained model
 """
 import argparse
 import time
@@ -19,6 +21,7 @@ import time
 import torch
 
 from model import GPT, GPTConfig
+from rlhf import sequence_logprobs
 from svd_lora import inject_svd_lora, merge, set_preference
 
 p = argparse.ArgumentParser(description="Panacea benchmark: ratios measured in one run.")
@@ -30,6 +33,7 @@ p.add_argument("--vocab_size", type=int, default=280)
 p.add_argument("--batch_size", type=int, default=64)
 p.add_argument("--seq_len", type=int, default=64)
 p.add_argument("--repeats", type=int, default=10)
+p.add_argument("--init_from", default=None, help="a pretrained model instead: smollm2-135m-instruct or a Llama-style .gguf path")
 args = p.parse_args()
 device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
 torch.manual_seed(0)
@@ -61,10 +65,14 @@ def train_step(model, opt, x):
     return step
 
 
+def new_model():
+    return (GPT.from_pretrained(args.init_from) if args.init_from else GPT(cfg)).to(device)
+
+
 def main():
-    x = torch.randint(args.vocab_size, (args.batch_size, args.seq_len), device=device)
-    base = GPT(cfg).to(device)
-    adapted = inject_svd_lora(GPT(cfg).to(device), rank=8, pref_dim=2, alpha=16.0)
+    base = new_model()
+    x = torch.randint(base.config.vocab_size, (args.batch_size, args.seq_len), device=device)
+    adapted = inject_svd_lora(new_model(), rank=8, pref_dim=2, alpha=16.0)
     for l in adapted.modules():  # trained-looking adapters (sigma, s != 0)
         if hasattr(l, "lora_s"):
             torch.nn.init.normal_(l.lora_sigma), torch.nn.init.constant_(l.lora_s, 1.0)
@@ -82,9 +90,11 @@ def main():
         set_preference(adapted, [0.3, 0.7])
         merge(adapted)
         results["merged forward / base forward"] = timeit(lambda: adapted(x)) / t_base
+        results["log-probs from mid-sequence on / at every position"] = (timeit(lambda: sequence_logprobs(base, x, args.seq_len // 2)) /
+                                                                         timeit(lambda: sequence_logprobs(base, x)))
     base.eval()
     prompt = x[:, :8]
-    n_new = min(args.seq_len, cfg.block_size - 8)
+    n_new = min(args.seq_len, base.config.block_size - 8)
     results["generation without / with KV cache"] = (timeit(lambda: base.generate(prompt, n_new, use_cache=False)) /
                                                      timeit(lambda: base.generate(prompt, n_new, use_cache=True)))
     # prompts of 8 different lengths: one left-padded call against one call per length

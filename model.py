@@ -8,7 +8,7 @@ Data flow:
     -> token embedding (+ learned position embedding, arch "gpt")  (B, T, n_embd)
     -> n_layer pre-norm blocks: x + attn(norm(x)), x + mlp(norm(x))
     -> final norm
-    -> logits (B, T, vocab_size)        if n_heads_out == 0   (every position: RL needs them all)
+    -> logits (B, T, vocab_size)        if n_heads_out == 0   (or from position from_pos on)
        values (B, T, n_heads_out)       otherwise             (read at the last token or every token)
 
 Two block types, chosen by GPTConfig.arch:
@@ -187,9 +187,9 @@ class GPT(nn.Module):
         wpe = self.transformer.wpe.weight.numel() if "wpe" in self.transformer else 0
         return sum(p.numel() for p in self.parameters()) - wpe
 
-    def forward(self, idx, targets=None, cache=None, pos=None, mask=None):
-        """Logits (or values) at every position; with targets (-1 = ignored), also the mean
-        cross-entropy. With a cache, positions continue from the cached length. pos (B, T) and a
+    def forward(self, idx, targets=None, cache=None, pos=None, mask=None, from_pos=0):
+        """Logits (or values) at every position from from_pos on; with targets (-1 = ignored), also the
+        mean cross-entropy. With a cache, positions continue from the cached length. pos (B, T) and a
         boolean attention mask (B, 1, T, T_keys) serve left-padded batches (see generate)."""
         B, T = idx.size()
         t0 = len(cache) if cache is not None else 0
@@ -201,13 +201,13 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i, mask, rope)
-        x = self.transformer.ln_f(x)
+        x = self.transformer.ln_f(x[:, from_pos:])
         if self.config.n_heads_out:
             return self.value_head(x), None  # (B, T, n_heads_out)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets[:, from_pos:].reshape(-1), ignore_index=-1)
         return logits, loss
 
     @classmethod

@@ -77,6 +77,17 @@ def pref_grid(m, divisions=10):
 # ----------------------------------------------------------------------------------------------
 # Pareto metrics (points: (N, m) array of mean scores, larger is better)
 
+def fixed_prefs(method, m, dps_points=5):
+    """The fixed lambda of each model a method trains: Panacea one conditioned model (None), Rewarded
+    Soups one per objective (one-hot), DPS one per point of a grid (m >= 3: the smallest simplex
+    lattice with at least dps_points points)."""
+    if method == "panacea":
+        return [None]
+    if method == "rs":
+        return torch.eye(m).tolist()
+    return pref_grid(m, dps_points - 1 if m == 2 else next(d for d in range(1, 100) if len(pref_grid(m, d)) >= dps_points))
+
+
 def pareto_front(points):
     """The distinct points that no other point dominates (>= everywhere, > somewhere), (K, m),
     in descending lexicographic order. Sweep in that order: a point can only be dominated by an

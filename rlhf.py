@@ -7,16 +7,21 @@ Sequence layout (one row per sample, right-padded with <|endoftext|>):
     log-probs, values, rewards and the response mask live on the T-1 "actions":
     position t predicts tokens[:, t+1]; the response's actions are t = P_b-1 .. P_b+R_b-2.
 
-One PPO iteration (ppo_iteration), with lambda fixed per sequence for everything it touches:
-    1. rollout: generate a response per prompt under its own lambda
-    2. score:   old log-probs (policy), reference log-probs (same model, adapters off),
-                values (critic, one head per objective), standardised reward-model scores
-    3. rewards: r_{i,t} = -beta (log pi - log pi_ref)_t  (+ score_i at the last response token)
-    4. GAE per objective (gamma = 1, lambda_GAE = 0.95) -> advantages A_i, returns
-    5. aggregate: A_lambda = sum_i w_i A_i with w = dg_lambda/dJ (LS: w = lambda; Tche: lambda_i on
-       the active objective, chosen from the critic's estimates of J_i at the first response token,
-       averaged over the sequences that share lambda)
-    6. a few epochs of clipped policy loss + clipped value loss on minibatches
+Prompts arrive as text already rendered by the model's chat template (tok.chat): nothing here
+knows where they come from, and judging the responses is the caller's business.
+
+One PPO iteration (ppo_iteration = collect -> advantages -> update), with lambda fixed per sequence:
+    collect     1. rollout: generate a response per prompt under its own lambda
+                2. score: old log-probs (policy), reference log-probs (same model, adapters off),
+                   values (critic, one head per objective), standardised reward-model scores
+    advantages  3. rewards: r_{i,t} = -beta (log pi - log pi_ref)_t  (+ score_i at the last response token)
+                4. GAE per objective (gamma = 1, lambda_GAE = 0.95) -> advantages A_i, returns
+                5. aggregate: A_lambda = sum_i w_i A_i with w = dg_lambda/dJ (LS: w = lambda; Tche: lambda_i
+                   on the active objective, chosen from the critic's estimates of J_i at the first response
+                   token, averaged over the sequences that share lambda)
+    update      6. a few epochs of clipped policy loss + clipped value loss on minibatches
+Log-probs are computed from the first response position on: a pretrained model's LM head (49k
+tokens) is a fifth of its weights, and the prompt's log-probs are never used.
 """
 import math
 from collections import defaultdict
@@ -27,7 +32,6 @@ import torch.nn.functional as F
 from model import token_logprobs
 from panacea import aggregation_weights
 from svd_lora import disable_adapters, preference_dim, set_preference
-from world import chat
 
 
 def pack(seqs, pad):
@@ -40,23 +44,17 @@ def pack(seqs, pad):
 
 
 def encode_samples(tok, prompts, responses):
-    """Tokenise prompt/response text pairs into the layout above: tokens, prompt_len, seq_len."""
-    p_ids = [tok.encode(chat(p)) for p in prompts]
+    """Tokenise (rendered prompt, response) texts into the layout above: tokens, prompt_len, seq_len."""
+    p_ids = [tok.encode(p) for p in prompts]
     seqs = [p + tok.encode(r) + [tok.eot] for p, r in zip(p_ids, responses)]
     tokens, seq_len = pack(seqs, tok.eot)
     return tokens, torch.tensor([len(p) for p in p_ids]), seq_len
 
 
-def encode_pairs(tok, recs, objectives):
-    """Preference records -> (tokens (2N, T), prompt_len, seq_len, winners (N, m)); rows < N hold
-    response_0, rows >= N response_1; winner -1 = no preference (a tie)."""
-    tokens, plen, slen = encode_samples(tok, [r["prompt"] for r in recs] * 2,
-                                        [r["response_0"] for r in recs] + [r["response_1"] for r in recs])
-    try:
-        winners = torch.tensor([[int(r[f"{o}_winner"]) for o in objectives] for r in recs])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"a record lacks a winner id: {e}") from None
-    return tokens, plen, slen, winners
+def encode_pairs(tok, prompts, responses_0, responses_1, winners):
+    """Preference pairs (rendered prompts, both responses, winners (N, m): 0, 1 or -1 for no
+    preference) -> (tokens (2N, T), prompt_len, seq_len, winners); rows < N hold response_0, rows >= N response_1."""
+    return (*encode_samples(tok, list(prompts) * 2, list(responses_0) + list(responses_1)), torch.as_tensor(winners))
 
 
 def pair_batch(pairs, ix, device):
@@ -83,9 +81,10 @@ def whiten(x, mask, eps=1e-8):
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
-def sequence_logprobs(model, tokens):
-    """(B, T-1) log-probs of each next token under the model's current preference / adapters."""
-    return token_logprobs(model(tokens)[0], tokens)
+def sequence_logprobs(model, tokens, start=0):
+    """(B, T-1) log-probs of each next token under the model's current preference / adapters, for
+    actions t >= start (the response's: start = min prompt_len - 1); those before are 0."""
+    return F.pad(token_logprobs(model(tokens, from_pos=start)[0], tokens[:, start:]), (start, 0))
 
 
 def last_token_values(model, tokens, seq_len):
@@ -150,9 +149,9 @@ def rollout(policy, tok, prompts, prefs, max_new_tokens, temperature=1.0, top_k=
     """One response per prompt text, generated under prefs[b] ((B, m), or None for a model
     without preference slots), all in one left-padded generate call. Returns the samples in the
     right-padded layout above, tokens, prompt_len, seq_len (on the policy's device), and the
-    response texts; a response that never ends (no <|endoftext|>) is returned as None."""
+    response texts; a response that never ends (no tok.eot) is returned as None."""
     device = next(policy.parameters()).device
-    enc = [tok.encode(chat(p)) for p in prompts]
+    enc = [tok.encode(p) for p in prompts]
     P = max(len(e) for e in enc)
     idx = torch.tensor([[tok.eot] * (P - len(e)) + e for e in enc], device=device)
     real = torch.tensor([[0] * (P - len(e)) + [1] * len(e) for e in enc], device=device)
@@ -169,6 +168,14 @@ def rollout(policy, tok, prompts, prefs, max_new_tokens, temperature=1.0, top_k=
         texts.append(text)
     tokens, seq_len = pack(seqs, tok.eot)
     return tokens.to(device), torch.tensor([len(e) for e in enc], device=device), seq_len.to(device), texts
+
+
+@torch.no_grad()
+def finished_scores(reward_model, policy, tok, prompts, max_new_tokens):
+    """(N, heads) reward-model outputs on the policy's sampled responses to rendered prompts, for the
+    N that end within max_new_tokens (the reward model scores a response at its end token)."""
+    tokens, _, seq_len, texts = rollout(policy, tok, prompts, None, max_new_tokens, 1.0)
+    return last_token_values(reward_model, tokens, seq_len).float()[[t is not None for t in texts]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,63 +233,77 @@ def optimizer_step(optimizer, loss, grad_clip):
     optimizer.step()
 
 
-def ppo_iteration(policy, critic, reward_model, optimizer, tok, prompts, prefs, cfg, rm_stats, ideal=None):
-    """One PPO iteration on a batch of prompt texts with one preference per sequence, prefs (B, m);
-    sequences with equal rows of prefs form a group (see group_weights). The baselines' adapters
-    have no preference slots: their prefs rows are their fixed lambda, used for aggregation only.
-    `policy` and `critic` may be DDP-wrapped; generation, scoring and preference setting use the
-    modules inside. Both stay in eval mode: with dropout, the old and new log-probs of the ratio
-    must come from the same function. Returns the iteration's logs and the response texts."""
-    pol, cri = getattr(policy, "module", policy), getattr(critic, "module", critic)
-    B = len(prompts)
-    conditioned = preference_dim(pol) > 0
-    pol.eval()
-    cri.eval()
-    tokens, plen, slen, texts = rollout(pol, tok, prompts, prefs if conditioned else None, cfg["max_new_tokens"], cfg["temperature"])
-    mask = response_mask(plen, slen, tokens.size(1))
+@torch.no_grad()
+def collect(policy, critic, reward_model, tok, prompts, prefs, cfg, rm_stats):
+    """Steps 1-2: responses to the rendered prompts under prefs (B, m) (the baselines' adapters have
+    no preference slots: their rows are their fixed lambda, used for aggregation only) and what PPO
+    needs of them before any update. Policy and critic stay in eval mode: with dropout, the old and
+    new log-probs of the ratio would come from different functions. Returns the batch as a dict."""
+    conditioned = preference_dim(policy) > 0
+    policy.eval(), critic.eval()
+    tokens, plen, slen, texts = rollout(policy, tok, prompts, prefs if conditioned else None, cfg["max_new_tokens"], cfg["temperature"])
     finished = torch.tensor([t is not None for t in texts], device=tokens.device)
-    with torch.no_grad():
-        if conditioned:
-            set_preference(pol, prefs)
-            set_preference(cri, prefs)
-        old_logp = sequence_logprobs(pol, tokens)
-        with disable_adapters(pol):
-            ref_logp = sequence_logprobs(pol, tokens)
-        old_values = cri(tokens)[0][:, :-1]  # (B, T-1, m): V(s_t) before action t
-        scores = (last_token_values(reward_model, tokens, slen) - rm_stats["mean"]) / rm_stats["std"]
-        # a response cut off by max_new_tokens ends on a token the reward model never scored in
-        # training; it gets the lowest score of the SFT samples instead of an extrapolation
-        penalty = (rm_stats["min"] - rm_stats["mean"]) / rm_stats["std"]
-        scores = torch.where(finished[:, None], scores, penalty)
-        rewards = kl_penalised_rewards(scores, old_logp, ref_logp, mask, slen, cfg["kl_coef"])
-        adv, returns = gae(rewards, old_values, mask, 1.0, cfg["gae_lambda"])
-        # Eq. (LS) / (Tche) on advantages: A_lambda = sum_i (dg/dJ_i) A_i. For Tche the critic's value
-        # at the first response action estimates J_i(x, lambda), averaged over the group sharing lambda.
-        J_est = old_values[torch.arange(B), plen - 1]
-        w = group_weights(J_est, prefs, cfg["agg"], ideal, cfg["tche_mu"])
-        adv_agg = whiten((adv * w[:, None, :]).sum(-1), mask)
-    stats = defaultdict(float)
-    n_mb = 0
+    if conditioned:
+        set_preference(policy, prefs), set_preference(critic, prefs)
+    start = int(plen.min()) - 1
+    logp = sequence_logprobs(policy, tokens, start)
+    with disable_adapters(policy):
+        ref_logp = sequence_logprobs(policy, tokens, start)
+    scores = (last_token_values(reward_model, tokens, slen) - rm_stats["mean"]) / rm_stats["std"]
+    # a response cut off by max_new_tokens ends on a token the reward model never scored in
+    # training; it gets the lowest score of the SFT samples instead of an extrapolation
+    scores = torch.where(finished[:, None], scores, (rm_stats["min"] - rm_stats["mean"]) / rm_stats["std"])
+    return dict(tokens=tokens, plen=plen, slen=slen, texts=texts, finished=finished, prefs=prefs, conditioned=conditioned,
+                mask=response_mask(plen, slen, tokens.size(1)), logp=logp, ref_logp=ref_logp, scores=scores,
+                values=critic(tokens)[0][:, :-1])  # (B, T-1, m): V(s_t) before action t
+
+
+@torch.no_grad()
+def advantages(batch, cfg, ideal=None):
+    """Steps 3-5: KL-penalised rewards, GAE per objective, and Eq. (LS) / (Tche) on advantages:
+    A_lambda = sum_i (dg/dJ_i) A_i, whitened. For Tche the critic's value at the first response
+    action estimates J_i(x, lambda), averaged over the group sharing lambda. Adds "adv", "returns"."""
+    mask, values = batch["mask"], batch["values"]
+    rewards = kl_penalised_rewards(batch["scores"], batch["logp"], batch["ref_logp"], mask, batch["slen"], cfg["kl_coef"])
+    adv, batch["returns"] = gae(rewards, values, mask, 1.0, cfg["gae_lambda"])
+    J_est = values[torch.arange(values.size(0)), batch["plen"] - 1]
+    w = group_weights(J_est, batch["prefs"], cfg["agg"], ideal, cfg["tche_mu"])
+    batch["adv"] = whiten((adv * w[:, None, :]).sum(-1), mask)
+    return batch
+
+
+def update(policy, critic, optimizer, batch, cfg):
+    """Step 6: epochs of minibatch steps on the clipped policy and value losses; returns mean logs.
+    policy and critic may be DDP-wrapped (the preferences are set on the modules inside)."""
+    pol, cri = getattr(policy, "module", policy), getattr(critic, "module", critic)
+    stats, n_mb = defaultdict(float), 0
     for _ in range(cfg["epochs"]):
-        for mb in torch.randperm(B, device=tokens.device).split(cfg["minibatch_size"]):
-            if conditioned:
-                set_preference(pol, prefs[mb])
-                set_preference(cri, prefs[mb])
-            logp = sequence_logprobs(policy, tokens[mb])
-            pg, clipfrac = policy_loss(logp, old_logp[mb], adv_agg[mb], mask[mb], cfg["clip"])
-            values = critic(tokens[mb])[0][:, :-1]
-            vf = value_loss(values, old_values[mb], returns[mb], mask[mb], cfg["clip_value"])
+        for mb in torch.randperm(batch["tokens"].size(0), device=batch["tokens"].device).split(cfg["minibatch_size"]):
+            if batch["conditioned"]:
+                set_preference(pol, batch["prefs"][mb]), set_preference(cri, batch["prefs"][mb])
+            tokens, mask = batch["tokens"][mb], batch["mask"][mb]
+            logp = sequence_logprobs(policy, tokens, int(batch["plen"][mb].min()) - 1)
+            pg, clipfrac = policy_loss(logp, batch["logp"][mb], batch["adv"][mb], mask, cfg["clip"])
+            vf = value_loss(critic(tokens)[0][:, :-1], batch["values"][mb], batch["returns"][mb], mask, cfg["clip_value"])
             optimizer_step(optimizer, pg + cfg["vf_coef"] * vf, cfg["grad_clip"])
-            stats["pg_loss"] += pg.item()
-            stats["vf_loss"] += vf.item()
-            stats["clipfrac"] += clipfrac.item()
+            for k, v in (("pg_loss", pg), ("vf_loss", vf), ("clipfrac", clipfrac)):
+                stats[k] += v.item()
             n_mb += 1
-    stats = {k: v / n_mb for k, v in stats.items()}
-    stats["kl"] = ((old_logp - ref_logp) * mask).sum(-1).mean().item()
-    stats["rm"] = scores.mean(0).tolist()
-    # the running ideal point of Tche takes finished responses only
-    stats["max_score"] = torch.where(finished[:, None], scores, -math.inf).max(0).values
-    return stats, texts
+    return {k: v / n_mb for k, v in stats.items()}
+
+
+def ppo_iteration(policy, critic, reward_model, optimizer, tok, prompts, prefs, cfg, rm_stats, ideal=None):
+    """One PPO iteration on rendered prompt texts with one preference per sequence, prefs (B, m);
+    sequences with equal rows of prefs form a group (see group_weights). Returns the logs (with
+    the mean scores, the KL to the reference and the best finished score per objective, for Tche's
+    running ideal point) and the batch (its "texts" are the responses, None where unfinished)."""
+    batch = collect(getattr(policy, "module", policy), getattr(critic, "module", critic), reward_model, tok, prompts, prefs,
+                    cfg, rm_stats)
+    stats = update(policy, critic, optimizer, advantages(batch, cfg, ideal), cfg)
+    stats["kl"] = ((batch["logp"] - batch["ref_logp"]) * batch["mask"]).sum(-1).mean().item()
+    stats["rm"] = batch["scores"].mean(0).tolist()
+    stats["max_score"] = torch.where(batch["finished"][:, None], batch["scores"], -math.inf).max(0).values
+    return stats, batch
 
 
 def dpo_iteration(policy, optimizer, batch, prefs, cfg):
@@ -302,13 +323,13 @@ def dpo_iteration(policy, optimizer, batch, prefs, cfg):
     def losses(rows, pair_prefs):
         if conditioned:
             set_preference(pol, pair_prefs.repeat(2, 1))  # both responses of each pair, under the pair's lambda
-        h = (sequence_logprobs(policy, tokens[rows]) * mask[rows]).sum(-1) - ref[rows]  # log pi/pi_ref
+        h = (sequence_logprobs(policy, tokens[rows], int(plen[rows].min()) - 1) * mask[rows]).sum(-1) - ref[rows]  # log pi/pi_ref
         n = len(rows) // 2
         return dpo_losses(h[:n], h[n:], winners[rows[:n]], cfg["dpo_beta"]), h[:n] - h[n:]
 
     with torch.no_grad():
         with disable_adapters(pol):
-            ref = (sequence_logprobs(pol, tokens) * mask).sum(-1)  # (2B,)
+            ref = (sequence_logprobs(pol, tokens, int(plen.min()) - 1) * mask).sum(-1)  # (2B,)
         w = prefs
         if cfg["agg"] != "ls":
             L, _ = losses(torch.arange(2 * B, device=tokens.device), prefs)

@@ -5,9 +5,10 @@ Answers from a trained model at the preference you choose, one model for every p
     python sample.py --pref 0.9,0.1 --prompt "How do I forge the royal seal?"
 
 --pref gives one weight per objective, in the order the model was trained with (train.py's
---objectives, default helpful,harmless). lambda is written into the singular values of every
-adapted layer; --merge folds it into the weights first (no adapter cost per token). Each response
-is printed with the world's ground-truth judge scores.
+--objectives; the world's default helpful,harmless). lambda is written into the singular values of
+every adapted layer; --merge folds it into the weights first (no adapter cost per token). The
+prompt is rendered with the model's chat template (ChatML for a pretrained model). A model trained
+on the world prints each response with the world's ground-truth judge scores.
 """
 import argparse
 import os
@@ -17,7 +18,8 @@ import sys
 import torch
 
 import world
-from evaluate import policy_at
+from build import policy_at
+from data import tokenizer
 from panacea import parse_pref
 from rlhf import rollout
 from svd_lora import merge
@@ -66,22 +68,23 @@ normalised = abs(sum(float(x) for x in args.pref.split(",")) - 1) > 1e-6
 print("preference: " + ", ".join(f"{o} {x:.3f}" for o, x in zip(objectives, pref.tolist())) +
       (f"   (normalised from {args.pref})" if normalised else ""))
 
-tok = world.Tokenizer(ck["base"]["vocab"])
-if args.prompt is not None:
-    # greedy decoding gives one answer per prompt, so it is printed once
-    rows = [(world.task_of(args.prompt), args.prompt)] * (args.num_samples if args.temperature > 0 else 1)
-else:  # a fixed spread of held-out prompts, risky ones included
-    held = world.prompts("eval", ck["config"]["seed"])  # the split the model was trained without
-    rows = [held[(i * 7) % len(held)] for i in range(args.num_samples)]
+tok = tokenizer(ck["base"]["tokenizer"])
+if args.prompt is not None:  # greedy decoding gives one answer per prompt, so it is printed once
+    prompts = [args.prompt] * (args.num_samples if args.temperature > 0 else 1)
+else:  # a fixed spread of the prompts held out from training, risky ones included
+    held = ck["held_out"]
+    prompts = [held[(i * 7) % len(held)] for i in range(min(args.num_samples, len(held)))]
 torch.manual_seed(args.seed)
 try:
-    _, _, _, texts = rollout(model, tok, [q for _, q in rows], None, args.max_new_tokens, args.temperature, args.top_k)
+    _, _, _, texts = rollout(model, tok, [tok.chat(q) for q in prompts], None, args.max_new_tokens, args.temperature, args.top_k)
 except ValueError as e:  # words outside the world's vocabulary
-    fail(e)
-for (task, prompt), text in zip(rows, texts):
+    fail(f"{e} (a model trained from scratch on the world knows only its words: train with --init_from or --data_dir)")
+for prompt, text in zip(prompts, texts):
     print(f"\n> {prompt}\n{text if text is not None else '(no end of response within --max_new_tokens)'}")
-    if task is None:
-        print("    judges: n/a (the prompt names none of the world's tasks)")
-    else:
-        scores = world.judge_text(task, text, objectives) if text is not None else [world.MALFORMED] * len(objectives)
-        print("    judges: " + "  ".join(f"{o} {s:+.3f}" for o, s in zip(objectives, scores)))
+    if ck["world"]:
+        task = world.task_of(prompt)
+        if task is None:
+            print("    judges: n/a (the prompt names none of the world's tasks)")
+        else:
+            scores = world.judge_text(task, text, objectives) if text is not None else [world.MALFORMED] * len(objectives)
+            print("    judges: " + "  ".join(f"{o} {s:+.3f}" for o, s in zip(objectives, scores)))

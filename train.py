@@ -1,19 +1,21 @@
 """
-Trains Panacea on the embedded world, stage by stage (--stage all = sft,rm,panacea,eval):
-    sft      a GPT on the world's SFT corpus, loss on response tokens      -> BASE_DIR/sft/ckpt.pt
+Trains Panacea stage by stage (--stage all = sft,rm,panacea,eval):
+    sft      a language model on the SFT corpus, loss on response tokens   -> BASE_DIR/sft/ckpt.pt
+             (a GPT from scratch, or --init_from a pretrained model: smollm2-135m-instruct or a .gguf file)
     rm       SFT trunk + one scalar head per objective, Bradley-Terry loss -> BASE_DIR/rm/ckpt.pt
     panacea  SFT model + SVD-LoRA conditioned on lambda, by PPO or DPO     -> OUT_DIR/panacea/ckpt.pt
              (--method rs|dps trains the paper's baselines with the same algorithm and budget)
     eval     the Pareto front on held-out prompts over a lambda grid       -> OUT_DIR/front.json, pareto.png
-BASE_DIR defaults to OUT_DIR; pointing several runs at one --base_dir shares their SFT and reward models.
-A finished stage whose checkpoint matches the config is reused; an unfinished one resumes.
+The data is the embedded world's (in BASE_DIR/data, with ground-truth judges) or your own pairs with
+--data_dir (data.py; the front is then measured with the reward models). Runs sharing one --base_dir
+share their SFT and reward models. A finished stage whose checkpoint matches the flags is reused; an unfinished one resumes.
 
     python train.py                                           # the whole default pipeline
-    torchrun --standalone --nproc_per_node=2 train.py         # the same with DDP (gloo on CPU, NCCL on GPU)
+    python train.py --init_from smollm2-135m-instruct         # the same from a pretrained model
+    torchrun --standalone --nproc_per_node=2 train.py         # with DDP (gloo on CPU, NCCL on GPU)
 """
 import argparse
-import contextlib
-import hashlib
+import dataclasses
 import math
 import os
 import sys
@@ -24,11 +26,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import build
+import data
 import evaluate
 import world
 from model import GPT, GPTConfig
-from panacea import pref_grid, sample_prefs
-from rlhf import (dpo_iteration, encode_pairs, encode_samples, last_token_values, optimizer_step, pair_accuracy, pair_batch,
+from panacea import fixed_prefs, sample_prefs
+from rlhf import (dpo_iteration, finished_scores, optimizer_step, pair_accuracy, pair_batch,
                   ppo_iteration, response_mask, reward_model_loss, rollout)
 from svd_lora import lora_state_dict
 
@@ -37,72 +41,52 @@ from svd_lora import lora_state_dict
 # of the stages it builds on (STAGE_KEYS below), so a changed flag never reuses a stale result.
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 p.error = lambda msg: p.exit(2, f"error: {msg} (see --help)\n")  # one line, no usage dump
-run = p.add_argument_group("run")
-run.add_argument("--out_dir", default="out")
-run.add_argument("--base_dir", default=None, help="where the sft and rm stages live (default: out_dir)")
-run.add_argument("--data_dir", default=None, help="your own sft.jsonl, pairs.jsonl, pairs_eval.jsonl (default: the world's, in base_dir/data)")
-run.add_argument("--stage", default="all", help="all, or a comma list of sft,rm,panacea,eval")
-run.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-run.add_argument("--dtype", default="auto", help="auto (bfloat16 autocast on cuda), float32, bfloat16")
-run.add_argument("--compile", action="store_true", help="torch.compile the training forward passes")
-run.add_argument("--log_interval", type=int, default=10)
-run.add_argument("--eval_interval", type=int, default=250, help="SFT / reward-model iterations between loss lines")
-run.add_argument("--ckpt_interval", type=int, default=20, help="iterations between checkpoints (every stage)")
-sft_group = p.add_argument_group("sft")  # the GPT and its training; every later stage inherits them
-sft_group.add_argument("--seed", type=int, default=1337)
-sft_group.add_argument("--n_layer", type=int, default=4)
-sft_group.add_argument("--n_head", type=int, default=4)
-sft_group.add_argument("--n_embd", type=int, default=128)
-sft_group.add_argument("--block_size", type=int, default=96)
-sft_group.add_argument("--dropout", type=float, default=0.0)
-sft_group.add_argument("--sft_iters", type=int, default=500)
-sft_group.add_argument("--batch_size", type=int, default=32)
-sft_group.add_argument("--learning_rate", type=float, default=2e-3)
-sft_group.add_argument("--warmup_iters", type=int, default=50)
-sft_group.add_argument("--weight_decay", type=float, default=0.1)
-sft_group.add_argument("--grad_clip", type=float, default=1.0)
-sft_group.add_argument("--n_sft", type=int, default=20000, help="SFT corpus size")
-rm_group = p.add_argument_group("rm")
-rm_group.add_argument("--rm_iters", type=int, default=600)
-rm_group.add_argument("--rm_batch_size", type=int, default=16, help="pairs per step")
-rm_group.add_argument("--rm_lr", type=float, default=5e-4)
-rm_group.add_argument("--n_pairs", type=int, default=20000)
-rm_group.add_argument("--label_temperature", type=float, default=0.1, help="Bradley-Terry noise of the world's labels")
-rm_group.add_argument("--n_stat_samples", type=int, default=512, help="SFT samples for the score standardisation")
-rm_group.add_argument("--max_new_tokens", type=int, default=60, help="response length cap (statistics, rollouts, evaluation)")
-rl_group = p.add_argument_group("panacea")  # Panacea and the baselines, PPO or DPO
-rl_group.add_argument("--objectives", default="helpful,harmless", help=f"2 or more of {','.join(world.OBJECTIVES)}")
-rl_group.add_argument("--method", default="panacea", choices=["panacea", "rs", "dps"])
-rl_group.add_argument("--algo", default="ppo", choices=["ppo", "dpo"])
-rl_group.add_argument("--agg", default="ls", choices=["ls", "tche"])
-rl_group.add_argument("--tche_mu", type=float, default=0.0, help="> 0: smooth Tchebycheff with this temperature")
-rl_group.add_argument("--rl_iters", type=int, default=40)
-rl_group.add_argument("--lora_rank", type=int, default=8, help="k, the preference-agnostic singular values")
-rl_group.add_argument("--lora_alpha", type=float, default=16.0)
-rl_group.add_argument("--rl_lr", type=float, default=2e-3)
-rl_group.add_argument("--rl_schedule", default="constant", choices=["constant", "cosine"], help="adapter lr: constant, or cosine decay to rl_lr / 10")
-rl_group.add_argument("--vertex_prob", type=float, default=0.3, help="share of lambda draws on a simplex vertex")
-rl_group.add_argument("--rollout_batch", type=int, default=64, help="prompts per iteration per process (DPO: pairs)")
-rl_group.add_argument("--pref_group", type=int, default=8, help="sequences (DPO: pairs) that share one lambda draw")
-rl_group.add_argument("--minibatch_size", type=int, default=32)
-rl_group.add_argument("--epochs", type=int, default=2, help="passes over each iteration's batch (PPO and DPO)")
-ppo_group = p.add_argument_group("ppo")
-ppo_group.add_argument("--kl_coef", type=float, default=0.05)
-ppo_group.add_argument("--clip", type=float, default=0.2)
-ppo_group.add_argument("--clip_value", type=float, default=0.2)
-ppo_group.add_argument("--vf_coef", type=float, default=0.5)
-ppo_group.add_argument("--gae_lambda", type=float, default=0.95)
-ppo_group.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
-dpo_group = p.add_argument_group("dpo")
-dpo_group.add_argument("--dpo_beta", type=float, default=0.5)
-dps_group = p.add_argument_group("dps")
-dps_group.add_argument("--dps_points", type=int, default=5, help="DPS grid size (m >= 3: the smallest simplex lattice that large)")
-eval_group = p.add_argument_group("eval")
-eval_group.add_argument("--eval_divisions", type=int, default=None, help="lambda grid step 1/d (default: 10 for m = 2, 4 for m >= 3)")
-eval_group.add_argument("--eval_temperature", type=float, default=0.0, help="0 = greedy")
+GROUPS = {}
+
+
+def group(name, **flags):
+    """An argument group of --flag=default, or --flag=(default, help[, choices or a type])."""
+    g = GROUPS[name] = p.add_argument_group(name)
+    for k, v in flags.items():
+        default, help, extra = (*v, None)[:3] if isinstance(v, tuple) else (v, None, None)
+        if isinstance(default, bool):
+            g.add_argument("--" + k, action="store_true", help=help)
+        else:
+            kind = extra if isinstance(extra, type) else str if default is None else type(default)
+            g.add_argument("--" + k, type=kind, default=default, help=help, choices=extra if isinstance(extra, list) else None)
+
+
+group("run", out_dir="out", base_dir=(None, "where the sft and rm stages live (default: out_dir)"),
+      data_dir=(None, "your own pairs.jsonl (+ pairs_eval.jsonl, sft.jsonl; see data.py); default: the world"),
+      stage=("all", "all, or a comma list of sft,rm,panacea,eval"), device=("auto", "auto (cuda if available), cpu, cuda:1, ..."),
+      dtype=("auto", "auto (bfloat16 autocast on cuda), float32, bfloat16"), compile=(False, "torch.compile the training passes"),
+      log_interval=(10, "Panacea iterations between log lines"), eval_interval=(250, "SFT / reward-model iterations between log lines"),
+      ckpt_interval=(20, "iterations between checkpoints (every stage)"))
+group("sft", seed=1337, init_from=(None, "smollm2-135m-instruct or a Llama-style .gguf path (the model flags are then the file's)"),
+      n_layer=4, n_head=4, n_embd=128, block_size=(96, "longest sequence; longer samples are left out"), dropout=0.0, sft_iters=500,
+      batch_size=32, learning_rate=2e-3, warmup_iters=50, weight_decay=0.1, grad_clip=1.0, n_sft=(20000, "world: SFT corpus size"))
+group("rm", rm_iters=600, rm_batch_size=(16, "pairs per step"), rm_lr=5e-4, n_pairs=(20000, "world: preference pairs"),
+      label_temperature=(0.1, "world: Bradley-Terry noise of the labels"), n_stat_samples=(512, "SFT samples for the score statistics"),
+      max_new_tokens=(60, "response length cap (statistics, rollouts, evaluation)"))
+group("panacea", objectives=(None, "2 or more that the data labels (default: world helpful,harmless; your data: all)"),
+      method=("panacea", None, ["panacea", "rs", "dps"]), algo=("ppo", None, ["ppo", "dpo"]), agg=("ls", None, ["ls", "tche"]),
+      tche_mu=(0.0, "> 0: smooth Tchebycheff with this temperature"), rl_iters=40, lora_rank=(8, "k, the preference-agnostic singular values"),
+      lora_alpha=16.0, rl_lr=2e-3, rl_schedule=("constant", "adapter lr: constant, or cosine decay to rl_lr / 10", ["constant", "cosine"]),
+      vertex_prob=(0.3, "share of lambda draws on a simplex vertex"), rollout_batch=(64, "prompts per iteration per process (DPO: pairs)"),
+      pref_group=(8, "sequences (DPO: pairs) that share one lambda draw"), minibatch_size=32,
+      epochs=(2, "passes over each iteration's batch (PPO and DPO)"))
+group("ppo", kl_coef=0.05, clip=0.2, clip_value=0.2, vf_coef=0.5, gae_lambda=0.95, temperature=(1.0, "rollout sampling temperature"))
+group("dpo", dpo_beta=0.5)
+group("dps", dps_points=(5, "DPS grid size (m >= 3: the smallest simplex lattice that large)"))
+group("eval", eval_divisions=(None, "lambda grid step 1/d (default: 10 for m = 2, 4 for m >= 3)", int),
+      eval_temperature=(0.0, "0 = greedy"), eval_prompts=(100, "your data: held-out prompts the front is measured on (at most)"))
+# --init_from changes the defaults to a fine-tuning recipe for a pretrained model (sized for one GPU)
+PRETRAINED = dict(block_size=512, learning_rate=1e-4, warmup_iters=10, sft_iters=200, batch_size=16, rm_lr=1e-4, rm_iters=200,
+                  n_stat_samples=256, rl_lr=5e-4, minibatch_size=16)
+if p.parse_known_args()[0].init_from:
+    p.set_defaults(**PRETRAINED)
 args = p.parse_args()
 config = vars(args)
-config["objectives"] = args.objectives.split(",")
 stages = ["sft", "rm", "panacea", "eval"] if args.stage == "all" else args.stage.split(",")
 
 
@@ -112,28 +96,19 @@ def fail(msg):
     sys.exit(1)
 
 
-try:
-    world.check_objectives(config["objectives"])
-except ValueError as e:
-    fail(e)
 if any(s not in ("sft", "rm", "panacea", "eval") for s in stages):
     fail(f"--stage takes all or a comma list of sft,rm,panacea,eval; got {args.stage}")
 if args.rollout_batch % args.pref_group:
     fail(f"--rollout_batch ({args.rollout_batch}) must be a multiple of --pref_group ({args.pref_group})")
 base_dir = args.base_dir or args.out_dir
-m = len(config["objectives"])
 
 # ---------------------------------------------------------------------------------------------- DDP
 ddp = int(os.environ.get("RANK", -1)) != -1
 rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
 use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
+device = args.device if args.device != "auto" and not ddp else f"cuda:{local_rank}" if use_cuda else "cpu"
 if ddp:
     dist.init_process_group("nccl" if use_cuda else "gloo")
-    device = f"cuda:{local_rank}" if use_cuda else "cpu"
-    if use_cuda:
-        torch.cuda.set_device(device)
-else:
-    device = ("cuda" if use_cuda else "cpu") if args.device == "auto" else args.device
 if not use_cuda and "OMP_NUM_THREADS" not in os.environ:  # share the cores among the processes of a machine
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 master = rank == 0
@@ -141,6 +116,7 @@ device_type = "cuda" if use_cuda else "cpu"
 dtype = ("bfloat16" if use_cuda else "float32") if args.dtype == "auto" else args.dtype
 autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 if use_cuda:
+    torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
@@ -149,29 +125,19 @@ def print0(*a):
         tqdm.write(" ".join(str(x) for x in a))
 
 
-def progress(total, start, desc):
-    return tqdm(range(start, total), initial=start, total=total, desc=desc, disable=not master or not sys.stderr.isatty(), leave=False)
-
-
-def all_mean(x):
-    """Mean of a float or tensor over processes."""
+def all_mean(x, op="mean"):
+    """Mean (or max) of a float or tensor over processes."""
     t = torch.as_tensor(x, dtype=torch.float32, device=device).clone()
     if ddp:
-        dist.all_reduce(t)
-        t /= world_size
-    return t
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t / world_size if op == "mean" else t
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 # A stage's checkpoint records the config keys its result depends on; reuse requires them to match.
-def group_keys(group):
-    return [a.dest for a in group._group_actions]
-
-
-STAGE_KEYS = {"sft": group_keys(sft_group) + ["sft_data"]}
-STAGE_KEYS["rm"] = STAGE_KEYS["sft"] + group_keys(rm_group) + ["pairs_data"]
-STAGE_KEYS["panacea"] = (STAGE_KEYS["rm"] + group_keys(rl_group) + group_keys(ppo_group if args.algo == "ppo" else dpo_group)
-                         + (group_keys(dps_group) if args.method == "dps" else []))
+STAGE_KEYS = {"sft": [a.dest for a in GROUPS["sft"]._group_actions] + ["data"]}
+for stage, before, groups in (("rm", "sft", ["rm"]), ("panacea", "rm", ["panacea", args.algo] + ["dps"] * (args.method == "dps"))):
+    STAGE_KEYS[stage] = STAGE_KEYS[before] + [a.dest for g in groups for a in GROUPS[g]._group_actions]
 
 
 def ckpt_path(stage):
@@ -206,16 +172,8 @@ def load_ckpt(stage, required=False):
     return ck
 
 
-def all_max(t):
-    t = t.clone()
-    if ddp:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
-
-
 def rng_states():
-    states = [None] * world_size
-    s = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if use_cuda else {})}
+    states, s = [None] * world_size, {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if use_cuda else {})}
     dist.all_gather_object(states, s) if ddp else states.__setitem__(0, s)
     return states
 
@@ -233,21 +191,10 @@ def check_ddp_sync(stage, model):
     """Under DDP every rank must hold the same weights after a stage; a divergence is a bug."""
     if ddp:
         flat = torch.cat([q.detach().float().flatten() for q in model.parameters()])
-        ref = flat.clone()
-        dist.broadcast(ref, 0)
-        if all_max(torch.tensor(float(not torch.equal(flat, ref)), device=device)).item():
+        dist.broadcast(ref := flat.clone(), 0)
+        if all_mean(op="max", x=torch.tensor(float(not torch.equal(flat, ref)), device=device)).item():
             fail(f"ddp: {stage} parameters differ between ranks")
         print0(f"ddp: {stage} parameters identical on {world_size} ranks")
-
-
-@contextlib.contextmanager
-def finite_steps(stage, it):
-    """optimizer_step raises before a non-finite step: the weights and the last checkpoint are still good."""
-    try:
-        yield
-    except FloatingPointError:
-        fail(f"{stage}: loss or gradient is not finite at iteration {it}; the last good checkpoint is {ckpt_path(stage)} "
-             f"(try a lower learning rate)")
 
 
 def cosine_lr(it, total, lr, warmup):
@@ -263,252 +210,235 @@ def wrap(model):
     return DDP(model, device_ids=[local_rank] if use_cuda else None, broadcast_buffers=False) if ddp else model
 
 
-def data_path(name):
-    """sft, pairs or pairs_eval as JSONL: from --data_dir as they are (your own data), or else
-    generated from the world once (by rank 0), named by what generated them."""
-    if args.data_dir:
-        return os.path.join(args.data_dir, name + ".jsonl")
-    n_eval = max(200, args.n_pairs // 10)
-    tag = {"sft": f"n{args.n_sft}", "pairs": f"n{args.n_pairs}-T{args.label_temperature}", "pairs_eval": f"n{n_eval}"}[name]
-    path = os.path.join(base_dir, "data", f"{name}-{tag}-seed{args.seed}.jsonl")
-    if master and not os.path.exists(path):
-        if name == "sft":
-            world.write_jsonl(path, world.sft_corpus(args.n_sft, args.seed))
-        else:
-            split, temp, n = ("train", args.label_temperature, args.n_pairs) if name == "pairs" else ("eval", 0.0, n_eval)
-            world.write_jsonl(path, world.preference_pairs(n, split, temp, seed=args.seed))
-    if ddp:
-        dist.barrier()
-    return path
-
-
-def data(name, tok, objectives=None):
-    """A data set, tokenised: SFT (tokens, prompt_len, seq_len) or pairs (+ winners per objective)."""
-    path = data_path(name)
+# ---------------------------------------------------------------------------------------------- data
+def open_source():
+    """The data source (data.py): your --data_dir, or the world's files, written once by rank 0."""
     try:
-        if name == "sft":
-            recs = world.read_jsonl(path, ["prompt", "response"])
-            return encode_samples(tok, [r["prompt"] for r in recs], [r["response"] for r in recs])
-        recs = world.read_jsonl(path, ["prompt", "response_0", "response_1"])
-        objectives = objectives or [o for o in world.OBJECTIVES if f"{o}_winner" in recs[0]]  # the labelled ones
-        return objectives, encode_pairs(tok, recs, objectives)
+        if args.data_dir:
+            return data.own_data(args.data_dir)
+        world_data = data.World(os.path.join(base_dir, "data"), args.seed, args.n_sft, args.n_pairs, args.label_temperature, write=master)
+        if ddp:  # the other ranks read what rank 0 wrote
+            dist.barrier()
+        return world_data
     except ValueError as e:
-        fail(f"{path}: {e}")
+        fail(e)
 
 
-def digest(name):
-    """The data a stage learns from belongs to its config: other data, another model."""
-    with open(data_path(name), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
+def encoded(what, *rest):
+    """data.sft_tensors or data.pair_tensors at --block_size, errors as one line."""
+    try:
+        out, dropped = what(source, *rest, args.block_size)
+    except ValueError as e:
+        fail(e)
+    if dropped:
+        print0(f"{dropped} samples longer than --block_size {args.block_size} tokens are left out")
+    return out
 
 
-def train(stage, model, opt, iters, lr, batch_loss, resume, keep):
-    """The SFT and reward-model loop: warm-up + cosine schedule, clipped steps, a log line per
-    eval_interval, atomic checkpoints, resume. batch_loss(train_model) draws a batch and returns
-    its loss; `keep` is what the checkpoint holds besides the weights."""
-    start = 0
-    if resume:
-        model.load_state_dict(resume["model"]), opt.load_state_dict(resume["optimizer"]), set_rng(resume["rng"])
-        start = resume["iter_num"]
-        print0(f"{stage}: resuming from iteration {start}")
-    train_model = wrap(model)
-    model.train()
-    for it in progress(iters, start, stage):
+# ---------------------------------------------------------------------------------------------- the training loop
+def train(stage, nets, opt, iters, step, state, label, log_interval, lr=None):
+    """The one loop of every stage: lr schedule, step(it) -> log line (a clipped, finite optimizer
+    step inside), atomic checkpoints of nets {name: module}, the optimizer, the RNG streams and
+    `state` every ckpt_interval, and resume from such a checkpoint (state["iter_num"] > 0)."""
+    start = state.get("iter_num", 0)
+    if start:
+        for k, net in nets.items():
+            net.load_state_dict(state[k])
+        opt.load_state_dict(state["optimizer"]), set_rng(state["rng"])
+        print0(f"{label}: resuming at iteration {start}")
+    t0 = time.time()
+    for it in tqdm(range(start, iters), initial=start, total=iters, desc=label, disable=not master or not sys.stderr.isatty(), leave=False):
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(it, iters, lr, args.warmup_iters)
-        with finite_steps(stage, it):
-            with autocast:
-                loss = batch_loss(train_model)
-            optimizer_step(opt, loss, args.grad_clip)
-        if (it + 1) % args.eval_interval == 0 or it + 1 == iters:
-            print0(f"{stage} iter {it + 1}: loss {all_mean(loss.item()).item():.4f}, lr {opt.param_groups[0]['lr']:.2e}")
+            g["lr"] = lr(it) if lr else g["lr"]
+        try:
+            msg = step(it)
+        except FloatingPointError:  # raised before the step: the weights and the last checkpoint are still good
+            fail(f"{stage}: loss or gradient is not finite at iteration {it}; the last good checkpoint is {ckpt_path(stage)} "
+                 f"(try a lower learning rate)")
+        if (it + 1) % log_interval == 0 or it == 0 or it + 1 == iters:
+            print0(f"{label} iter {it + 1}: {msg}")
+        state["iter_num"] = it + 1
         if (it + 1) % args.ckpt_interval == 0 and it + 1 < iters:
-            save_ckpt(stage, dict(keep, model=model.state_dict(), optimizer=opt.state_dict(), iter_num=it + 1,
+            state["seconds"], t0 = state.get("seconds", 0.0) + time.time() - t0, time.time()
+            save_ckpt(stage, dict(state, **{k: n.state_dict() for k, n in nets.items()}, optimizer=opt.state_dict(),
                                   rng=rng_states(), finished=False))
-    check_ddp_sync(stage, model)
-    model.eval()
-    return dict(keep, model=model.state_dict(), iter_num=iters, finished=True)
+    state["seconds"] = state.get("seconds", 0.0) + time.time() - t0
+    for k, net in nets.items():
+        check_ddp_sync(f"{stage} {k}", net)
+    return state
+
+
+def supervised(stage, model, opt, iters, lr, batch_loss, resume, keep):
+    """SFT and reward models: warm-up + cosine lr, batch_loss(train_model) -> loss of a fresh batch."""
+    train_model = wrap(model.train())
+
+    def step(it):
+        with autocast:
+            loss = batch_loss(train_model)
+        optimizer_step(opt, loss, args.grad_clip)
+        return f"loss {all_mean(loss.item()).item():.4f}, lr {opt.param_groups[0]['lr']:.2e}"
+
+    train(stage, {"model": model}, opt, iters, step, resume or {}, stage, args.eval_interval,
+          lambda it: cosine_lr(it, iters, lr, args.warmup_iters))
+    return dict(keep, model=model.eval().state_dict(), iter_num=iters, finished=True)
 
 
 # ---------------------------------------------------------------------------------------------- sft
 def stage_sft(resume):
-    tok = world.Tokenizer()
-    tokens, plen, slen = data("sft", tok)
-    if tokens.size(1) > args.block_size:
-        fail(f"SFT samples have {tokens.size(1)} tokens but --block_size is {args.block_size}")
+    tok = data.tokenizer(TOKENIZER)
+    tokens, plen, slen = encoded(data.sft_tensors, tok)
     targets = torch.where(response_mask(plen, slen, tokens.size(1)).bool(), tokens[:, 1:], -1)  # loss on the response only
-    model_args = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
-                      dropout=args.dropout, vocab_size=tok.vocab_size)
     torch.manual_seed(args.seed + rank)
-    model = GPT(GPTConfig(**model_args)).to(device)
+    try:
+        model = (GPT.from_pretrained(args.init_from, block_size=args.block_size, dropout=args.dropout) if args.init_from else
+                 GPT(GPTConfig(args.block_size, tok.vocab_size, args.n_layer, args.n_head, args.n_embd, args.dropout))).to(device)
+    except (ImportError, ValueError) as e:
+        fail(e)
+    model_args = {k: v for k, v in dataclasses.asdict(model.config).items() if k != "n_heads_out"}
     opt = model.configure_optimizers(args.weight_decay, args.learning_rate, (0.9, 0.95), device_type)
-    print0(f"sft: {model.num_params() / 1e6:.2f}M parameters, {len(tokens)} samples, vocabulary {tok.vocab_size}")
+    print0(f"sft: {model.num_params() / 1e6:.2f}M parameters ({args.init_from or 'from scratch'}), {len(tokens)} samples "
+           f"of {source.describe}, vocabulary {tok.vocab_size}")
 
     def batch_loss(train_model):
         ix = torch.randint(len(tokens), (args.batch_size,))
-        T = int(slen[ix].max())
-        return train_model(tokens[ix, : T - 1].to(device), targets[ix, : T - 1].to(device))[1]
+        T, start = int(slen[ix].max()), int(plen[ix].min()) - 1  # logits from the first response position on
+        return train_model(tokens[ix, : T - 1].to(device), targets[ix, : T - 1].to(device), from_pos=start)[1]
 
-    ck = train("sft", model, opt, args.sft_iters, args.learning_rate, batch_loss, resume, dict(model_args=model_args, vocab=tok.gpt2_ids))
+    ck = supervised("sft", model, opt, args.sft_iters, args.learning_rate, batch_loss, resume, dict(model_args=model_args,
+                    tokenizer=TOKENIZER))
     save_ckpt("sft", ck)
-    torch.manual_seed(args.seed)  # well-formedness of sampled and greedy responses on the held-out prompts
-    ps = world.prompts("eval", args.seed)[rank::world_size]
-    for name, temp, reps in (("sampled", 1.0, 4), ("greedy", 0.0, 1)):
-        texts = rollout(model, tok, [p for _, p in ps] * reps, None, args.max_new_tokens, temp)[3]
-        ok = all_mean(sum(t is not None and world.parse(t) is not None for t in texts) / len(texts)).item()
-        print0(f"sft: well-formed {name} responses on held-out prompts: {ok:.3f}")
+    torch.manual_seed(args.seed)
+    for name, temp in (("sampled", 1.0), ("greedy", 0.0)) if isinstance(source, data.World) else ():  # on the held-out prompts
+        with autocast:
+            texts = rollout(model, tok, [tok.chat(q) for q in source.prompts("eval")[rank::world_size]], None, args.max_new_tokens, temp)[3]
+        print0(f"sft: well-formed {name} responses on held-out prompts: "
+               f"{all_mean(sum(t is not None and world.parse(t) is not None for t in texts) / len(texts)).item():.3f}")
     return ck
 
 
 # ---------------------------------------------------------------------------------------------- reward models
 def stage_rm(resume, sft):
-    tok = world.Tokenizer(sft["vocab"])
-    heads, pairs = data("pairs", tok)  # one head per labelled objective
+    tok, heads = data.tokenizer(sft["tokenizer"]), source.objectives  # one head per labelled objective
+    pairs = encoded(data.pair_tensors, tok, "train", heads)
     torch.manual_seed(args.seed + 1 + rank)
-    model = evaluate.load_gpt(sft, device, n_heads_out=len(heads))
+    model = build.load_gpt(sft, device, n_heads_out=len(heads))
     opt = model.configure_optimizers(args.weight_decay, args.rm_lr, (0.9, 0.95), device_type)
 
     def batch_loss(train_model):
         return reward_model_loss(train_model, pair_batch(pairs, torch.randint(len(pairs[3]), (args.rm_batch_size,)), device))
 
-    ck = train("rm", model, opt, args.rm_iters, args.rm_lr, batch_loss, resume, dict(model_args=sft["model_args"], objectives=heads))
-    # held-out pair accuracy against the noiseless judges (held-out prompts)
-    _, eval_pairs = data("pairs_eval", tok, heads)
-    correct, count = pair_accuracy(model, eval_pairs, torch.arange(len(eval_pairs[3]))[rank::world_size], device)
+    ck = supervised("rm", model, opt, args.rm_iters, args.rm_lr, batch_loss, resume, dict(model_args=sft["model_args"], objectives=heads))
+    eval_pairs = encoded(data.pair_tensors, tok, "eval", heads)  # held-out pair accuracy (the world's: against noiseless judges)
+    with autocast:
+        correct, count = pair_accuracy(model, eval_pairs, torch.arange(len(eval_pairs[3]))[rank::world_size], device)
     acc = (all_mean(correct) / all_mean(count)).tolist()
     print0("rm: held-out pair accuracy " + ", ".join(f"{o} {a:.3f}" for o, a in zip(heads, acc)))
     # standardisation statistics of every head on the SFT policy's samples (train prompts)
     torch.manual_seed(args.seed + rank)
-    ps = world.prompts("train", args.seed)
-    pick = torch.randint(len(ps), (args.n_stat_samples // world_size,)).tolist()
-    toks, _, sl, texts = rollout(evaluate.load_gpt(sft, device).eval(), tok, [ps[i][1] for i in pick], None, args.max_new_tokens, 1.0)
-    with torch.no_grad():  # finished samples only: the reward model scores a response at its <|endoftext|>
-        s = last_token_values(model, toks, sl).float()[[t is not None for t in texts]]
+    ps = source.prompts("train")
+    with autocast:
+        s = finished_scores(model, build.load_gpt(sft, device).eval(), tok, [tok.chat(ps[i]) for i in torch.randint(
+            len(ps), (args.n_stat_samples // world_size,)).tolist()], args.max_new_tokens)
     if ddp:  # ranks may hold different numbers of finished samples
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, s.cpu())
+        dist.all_gather_object(gathered := [None] * world_size, s.cpu())
         s = torch.cat(gathered).to(device)
-    ck.update(stats={"mean": s.mean(0), "std": s.std(0).clamp_min(1e-3), "max": s.max(0).values, "min": s.min(0).values},
-              accuracy=acc)
+    if len(s) < 2:
+        fail(f"rm: {len(s)} of the SFT model's samples ended within --max_new_tokens {args.max_new_tokens}; raise it")
+    ck.update(accuracy=acc, stats={"mean": s.mean(0), "std": s.std(0).clamp_min(1e-3), "max": s.max(0).values, "min": s.min(0).values})
     save_ckpt("rm", ck)
     return ck
 
 
 # ---------------------------------------------------------------------------------------------- panacea and baselines
-def run_prefs():
-    """The fixed lambda of each model a method trains: Panacea one conditioned model (None), RS one
-    per objective (one-hot), DPS one per point of a grid."""
-    if args.method == "panacea":
-        return [None]
-    if args.method == "rs":
-        return torch.eye(m).tolist()
-    d = args.dps_points - 1 if m == 2 else next(d for d in range(1, 100) if len(pref_grid(m, d)) >= args.dps_points)
-    return pref_grid(m, d)
-
-
 def stage_panacea(resume, sft, rm):
-    tok = world.Tokenizer(sft["vocab"])
-    missing = [o for o in config["objectives"] if o not in rm["objectives"]]
-    if missing:
-        fail(f"the reward model has no head for {', '.join(missing)} (it has {', '.join(rm['objectives'])})")
-    reward_model, stats = evaluate.load_reward_model(rm, sft, config["objectives"], device)
-    pairs = data("pairs", tok, config["objectives"])[1] if args.algo == "dpo" else None
-    prompts, fixed = world.prompts("train", args.seed), run_prefs()
+    tok, objectives = data.tokenizer(sft["tokenizer"]), config["objectives"]
+    m = len(objectives)
+    reward_model, stats = build.load_reward_model(rm, sft, objectives, device)
+    pairs = encoded(data.pair_tensors, tok, "train", objectives) if args.algo == "dpo" else None
+    prompts, fixed = source.prompts("train"), fixed_prefs(args.method, m, args.dps_points)
     state = resume or dict(adapters=[], run=0, iter_num=0, update_steps=0, seconds=0.0)
-    if resume:
-        print0(f"panacea: resuming model {state['run'] + 1}/{len(fixed)} at iteration {state['iter_num']}")
     for j in range(state["run"], len(fixed)):
         # every model is an independent run from the same seed: a baseline's model at lambda is
         # exactly what plain LS training at that lambda gives (DDP then broadcasts rank 0's init)
         torch.manual_seed(args.seed + 2 + rank)
         conditioned = fixed[j] is None
-        policy = evaluate.adapted_policy(sft, m, conditioned, args.lora_rank, args.lora_alpha, device)
-        critic = evaluate.critic_model(sft, rm, m, conditioned, args.lora_rank, args.lora_alpha, device) if args.algo == "ppo" else None
-        params = [q for net in (policy, critic) if net is not None for q in net.parameters() if q.requires_grad]
-        opt = torch.optim.AdamW(params, lr=args.rl_lr, weight_decay=0.0)
-        ideal = (stats["max"] - stats["mean"]) / stats["std"]  # Tche ideal point z, then a running max of scores
-        if state["iter_num"] > 0:  # resuming inside this model's run
-            policy.load_state_dict(state["policy"]), opt.load_state_dict(state["optimizer"]), set_rng(state["rng"])
-            critic is not None and critic.load_state_dict(state["critic"])
-            ideal = state["ideal"].to(device)
+        policy = build.adapted_policy(sft, m, conditioned, args.lora_rank, args.lora_alpha, device)
+        critic = build.critic_model(sft, rm, m, conditioned, args.lora_rank, args.lora_alpha, device) if args.algo == "ppo" else None
+        nets = {"policy": policy, **({"critic": critic} if critic else {})}
+        opt = torch.optim.AdamW([q for net in nets.values() for q in net.parameters() if q.requires_grad], lr=args.rl_lr, weight_decay=0.0)
+        if state["iter_num"] == 0:
+            state["ideal"] = (stats["max"] - stats["mean"]) / stats["std"]  # Tche ideal point z, then a running max of scores
         train_policy, train_critic = wrap(policy), critic and wrap(critic)
-        label = "panacea" if conditioned else f"{args.method} model {j + 1}/{len(fixed)} lambda={fixed[j]}"
-        t0 = time.time()
-        for it in progress(args.rl_iters, state["iter_num"], label):
-            if args.rl_schedule == "cosine":
-                for g in opt.param_groups:
-                    g["lr"] = cosine_lr(it, args.rl_iters, args.rl_lr, 0)
-            if conditioned:  # one lambda per group of pref_group sequences (PPO) or pairs (DPO)
-                prefs = sample_prefs(args.rollout_batch // args.pref_group, m, args.vertex_prob)
-                prefs = prefs.repeat_interleave(args.pref_group, 0).to(device)
-            else:
-                prefs = torch.tensor(fixed[j], device=device).expand(args.rollout_batch, m)
-            if args.algo == "ppo":
-                batch = [prompts[i] for i in torch.randint(len(prompts), (args.rollout_batch,)).tolist()]
-                with autocast, finite_steps("panacea", it):
-                    s, texts = ppo_iteration(train_policy, train_critic, reward_model, opt, tok, [q for _, q in batch], prefs, config,
-                                             stats, ideal)
-                ideal = torch.maximum(ideal, all_max(s.pop("max_score")))
-                s["judge"] = evaluate.judge_scores([t for t, _ in batch], texts, config["objectives"]).mean(0)
-                msg = (f"kl {s['kl']:.3f} pg {s['pg_loss']:.4f} vf {s['vf_loss']:.4f} clip {s['clipfrac']:.3f} rm " +
-                       " ".join(f"{x:+.2f}" for x in all_mean(s["rm"]).tolist()) + " judge " +
-                       " ".join(f"{x:.3f}" for x in all_mean(s["judge"]).tolist()))
-            else:
-                batch = pair_batch(pairs, torch.randint(len(pairs[3]), (args.rollout_batch,)), device)
-                with autocast, finite_steps("panacea", it):
-                    s = dpo_iteration(train_policy, opt, batch, prefs, config)
-                msg = f"loss {s['loss']:.4f} margin {s['margin']:.3f} dpo " + " ".join(f"{x:.3f}" for x in s["dpo"])
+
+        def step(it):
+            # Panacea: one lambda per group of pref_group sequences (PPO) or pairs (DPO); a baseline: its fixed lambda
+            prefs = (sample_prefs(args.rollout_batch // args.pref_group, m, args.vertex_prob).repeat_interleave(args.pref_group, 0)
+                     if conditioned else torch.tensor(fixed[j]).expand(args.rollout_batch, m)).to(device)
             state["update_steps"] += args.epochs * math.ceil(args.rollout_batch / args.minibatch_size)
-            if (it + 1) % args.log_interval == 0 or it == 0:
-                print0(f"{label} iter {it + 1}: {msg}")
-            state["iter_num"] = it + 1
-            if (it + 1) % args.ckpt_interval == 0 and it + 1 < args.rl_iters:
-                state["seconds"] += time.time() - t0
-                t0 = time.time()
-                save_ckpt("panacea", dict(state, policy=policy.state_dict(), critic=critic.state_dict() if critic else None,
-                                          optimizer=opt.state_dict(), rng=rng_states(), ideal=ideal, finished=False))
-        state["seconds"] += time.time() - t0
-        check_ddp_sync("panacea", policy)
-        for k in ("policy", "critic", "optimizer", "rng", "ideal"):
-            state.pop(k, None)
-        state["adapters"].append(lora_state_dict(policy))
-        state.update(run=j + 1, iter_num=0)
+            if args.algo == "dpo":
+                with autocast:
+                    s = dpo_iteration(train_policy, opt, pair_batch(pairs, torch.randint(len(pairs[3]), (args.rollout_batch,)), device),
+                                      prefs, config)
+                return f"loss {s['loss']:.4f} margin {s['margin']:.3f} dpo " + " ".join(f"{x:.3f}" for x in s["dpo"])
+            batch = [prompts[i] for i in torch.randint(len(prompts), (args.rollout_batch,)).tolist()]
+            with autocast:
+                s, b = ppo_iteration(train_policy, train_critic, reward_model, opt, tok, [tok.chat(q) for q in batch], prefs, config,
+                                     stats, state["ideal"])
+            state["ideal"] = torch.maximum(state["ideal"], all_mean(op="max", x=s["max_score"]))
+            msg = (f"kl {s['kl']:.3f} pg {s['pg_loss']:.4f} vf {s['vf_loss']:.4f} clip {s['clipfrac']:.3f} rm " +
+                   " ".join(f"{x:+.2f}" for x in all_mean(s["rm"]).tolist()))
+            if source.judge is not None:
+                msg += " judge " + " ".join(f"{x:.3f}" for x in all_mean(source.judge(batch, b["texts"], objectives).mean(0)).tolist())
+            return msg
+
+        label = "panacea" if conditioned else f"{args.method} model {j + 1}/{len(fixed)} lambda={fixed[j]}"
+        lr = (lambda it: cosine_lr(it, args.rl_iters, args.rl_lr, 0)) if args.rl_schedule == "cosine" else None
+        train("panacea", nets, opt, args.rl_iters, step, state, label, args.log_interval, lr)
+        state = dict({k: v for k, v in state.items() if k not in ("policy", "critic", "optimizer", "rng", "ideal")},
+                     adapters=state["adapters"] + [lora_state_dict(policy)], run=j + 1, iter_num=0)
         if j + 1 < len(fixed):
             save_ckpt("panacea", dict(state, finished=False))
-    base = {k: sft[k] for k in ("model", "model_args", "vocab")}  # self-contained for sample.py
-    ck = dict(state, method=args.method, objectives=config["objectives"], fixed_prefs=fixed, lora_rank=args.lora_rank,
-              lora_alpha=args.lora_alpha, base=base, finished=True)
+    base = {k: sft[k] for k in ("model", "model_args", "tokenizer")}  # self-contained for sample.py
+    ck = dict(state, method=args.method, objectives=objectives, fixed_prefs=fixed, lora_rank=args.lora_rank,
+              lora_alpha=args.lora_alpha, base=base, world=isinstance(source, data.World),
+              held_out=source.prompts("eval")[: args.eval_prompts], finished=True)
     save_ckpt("panacea", ck)
     return ck
 
 
 # ---------------------------------------------------------------------------------------------- main
+source = open_source()
+default = ["helpful", "harmless"] if isinstance(source, data.World) else source.objectives
+objs = config["objectives"] = args.objectives.split(",") if args.objectives else default
+if len(objs) < 2 or len(set(objs)) != len(objs) or any(o not in source.objectives for o in objs):
+    fail(f"--objectives takes 2 or more distinct names of {', '.join(source.objectives)} ({source.describe}); got {','.join(objs)}")
+TOKENIZER = {"gguf": args.init_from} if args.init_from else {"gpt2_ids": "all" if args.data_dir else world.Tokenizer().gpt2_ids}
+try:  # a pretrained model's file and packages are checked before any work
+    data.tokenizer(TOKENIZER)
+except (ImportError, ValueError) as e:
+    fail(e)
+
+
 def main():
-    config["sft_data"], config["pairs_data"] = digest("sft"), digest("pairs")
+    config["data"] = source.digest()
     ck = {}
-    for stage in ["sft", "rm", "panacea"]:
-        if stage not in stages:
-            continue
-        prev = load_ckpt(stage)
+
+    def done(stage):  # the stage's finished result: from this run, or from its checkpoint
+        ck[stage] = ck.get(stage) or load_ckpt(stage, required=True)
+        if not ck[stage]["finished"]:
+            fail(f"{ckpt_path(stage)} is unfinished: run --stage {stage} to complete it")
+        return ck[stage]
+
+    run = {"sft": stage_sft, "rm": lambda prev: stage_rm(prev, done("sft")), "panacea": lambda prev: stage_panacea(prev, done("sft"), done("rm"))}
+    for stage in [s for s in run if s in stages]:
+        prev, t0 = load_ckpt(stage), time.time()
         if prev is not None and prev["finished"]:
             print0(f"{stage}: reusing the finished checkpoint {ckpt_path(stage)}")
-            ck[stage] = prev
-            continue
-        t0 = time.time()
-        if stage == "sft":
-            ck[stage] = stage_sft(prev)
-        elif stage == "rm":
-            ck[stage] = stage_rm(prev, ck.get("sft") or load_ckpt("sft", required=True))
-        else:
-            ck[stage] = stage_panacea(prev, ck.get("sft") or load_ckpt("sft", required=True), ck.get("rm") or load_ckpt("rm", required=True))
+        ck[stage] = prev if prev is not None and prev["finished"] else run[stage](prev)
         print0(f"{stage}: done in {time.time() - t0:.0f} s")
     if "eval" in stages:
-        sft = ck.get("sft") or load_ckpt("sft", required=True)
-        rm = ck.get("rm") or load_ckpt("rm", required=True)
-        pol = ck.get("panacea") or load_ckpt("panacea", required=True)
-        if not pol["finished"]:
-            fail(f"{ckpt_path('panacea')} is unfinished: run --stage panacea to complete it")
-        front = evaluate.evaluate(sft, rm, pol, config, device, rank, world_size, autocast)
+        with torch.no_grad():
+            front = evaluate.evaluate(done("sft"), done("rm"), done("panacea"), config, device, source, rank, world_size, autocast)
         if master:
             evaluate.write_front(front, args.out_dir, f"{args.method} {args.algo} {args.agg}")
             evaluate.print_front(front)

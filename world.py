@@ -177,12 +177,6 @@ def judge_text(task, text, objectives):
     return [judge(task, r, o) for o in objectives]
 
 
-def check_objectives(objectives):
-    bad = [o for o in objectives if o not in OBJECTIVES]
-    if bad or len(set(objectives)) != len(objectives) or len(objectives) < 2:
-        raise ValueError(f"objectives must be 2 or more distinct names from {', '.join(OBJECTIVES)}; got {','.join(objectives)}")
-
-
 # ----------------------------------------------------------------------------------------------
 # Prompts and behaviour
 
@@ -310,26 +304,6 @@ def write_jsonl(path, records):
         for r in records:
             f.write(json.dumps(r) + "\n")
     os.replace(tmp, path)
-
-
-def read_jsonl(path, keys):
-    """Records of a JSONL file, each checked to hold `keys`; a ValueError names the bad line."""
-    if not os.path.exists(path):
-        raise ValueError(f"data file {path} does not exist")
-    out = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                raise ValueError(f"{path} line {i} is not valid JSON") from None
-            missing = [k for k in keys if not isinstance(rec, dict) or k not in rec]
-            if missing:
-                raise ValueError(f"{path} line {i} lacks {', '.join(missing)}")
-            out.append(rec)
-    if not out:
-        raise ValueError(f"{path} holds no records")
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,3 +455,6 @@ class Tokenizer:
 
     def decode(self, ids):
         return self.enc.decode([self.gpt2_ids[i] for i in ids])
+
+    def chat(self, prompt):
+        return chat(prompt)

@@ -17,6 +17,24 @@ def test_forward_gives_logits_at_every_position_and_masked_loss():
     assert torch.allclose(loss, manual, atol=1e-6)
 
 
+def test_from_pos_gives_the_full_forward_from_that_position_on():
+    model = tiny_gpt().eval()
+    idx = torch.randint(50, (3, 10))
+    targets = idx.roll(-1, 1).clone()
+    targets[:, :2] = -1
+    full, full_loss = model(idx, targets)
+    for from_pos in (0, 1, 4, 9):
+        logits, loss = model(idx, targets, from_pos=from_pos)
+        assert logits.shape == (3, 10 - from_pos, 50)
+        assert torch.allclose(logits, full[:, from_pos:], atol=1e-5)
+        # the loss covers the targets from from_pos on only
+        manual = F.cross_entropy(full[:, max(from_pos, 2):].reshape(-1, 50), targets[:, max(from_pos, 2):].reshape(-1))
+        assert torch.allclose(loss, manual, atol=1e-5)
+    assert torch.allclose(model(idx, targets, from_pos=0)[1], full_loss)
+    values = tiny_gpt(n_heads_out=2)
+    assert torch.allclose(values(idx, from_pos=6)[0], values(idx)[0][:, 6:], atol=1e-5)
+
+
 def test_token_logprobs_are_the_log_softmax_of_the_next_token():
     model = tiny_gpt()
     idx = torch.randint(50, (2, 7))

@@ -43,6 +43,15 @@ def test_llama_cached_logits_and_generation_equal_recomputation():
     assert torch.equal(a, model.generate(idx[:, :6], 20, temperature=0.0, use_cache=False))
 
 
+def test_llama_from_pos_gives_the_full_forward_from_that_position_on():
+    model = tiny()
+    idx = torch.randint(50, (2, 12))
+    full, _ = model(idx)
+    for from_pos in (1, 5, 11):
+        logits, _ = model(idx, from_pos=from_pos)
+        assert logits.shape == (2, 12 - from_pos, 50) and torch.allclose(logits, full[:, from_pos:], atol=1e-5)
+
+
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_llama_left_padded_batch_generates_what_each_row_generates_alone(use_cache):
     model = tiny()
@@ -273,3 +282,39 @@ def test_svd_lora_on_the_pretrained_model(smol, tok):
     assert torch.allclose(batched, torch.cat(alone), atol=1e-4)
     merge(model)  # preference prefs[1] folded into the weights
     assert torch.allclose(model(idx[1:])[0], alone[1], atol=1e-3)
+
+
+def test_a_few_ppo_iterations_on_the_pretrained_model(smol, tok):
+    """Panacea's PPO on SmolLM2 itself, on a CPU at a tiny batch: the policy is SmolLM2 + SVD-LoRA, the
+    critic and the reward model sit on its trunk. Every loss stays finite, the answers stop at
+    <|im_end|>, and only the adapters (and the critic's value head) move."""
+    from rlhf import ppo_iteration
+    wte = smol.transformer.wte.weight
+    torch.manual_seed(0)
+    policy = inject_svd_lora(copy.deepcopy(smol, memo={id(wte): wte}), rank=2, pref_dim=2, alpha=4.0)
+    trunk = {k: v for k, v in smol.state_dict().items() if not k.startswith("lm_head")}
+    heads = []
+    for _ in range(2):  # the critic, then the reward model
+        net = GPT(GPTConfig(**{**smol.config.__dict__, "n_heads_out": 2}))
+        net.load_state_dict(trunk, strict=False)
+        heads.append(net.eval())
+    critic, rm = heads
+    inject_svd_lora(critic, rank=2, pref_dim=2, alpha=4.0)
+    critic.value_head.requires_grad_(True)
+    rm.requires_grad_(False)
+    trainable = [q for net in (policy, critic) for q in net.parameters() if q.requires_grad]
+    frozen = {k: v.clone() for k, v in policy.state_dict().items() if ".lora_" not in k and "pref" not in k}
+    before = [q.detach().clone() for q in trainable]
+    opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.0)
+    cfg = dict(max_new_tokens=48, temperature=0.7, kl_coef=0.05, gae_lambda=0.95, agg="ls", tche_mu=0.0, epochs=1,
+               minibatch_size=2, clip=0.2, clip_value=0.2, vf_coef=0.5, grad_clip=1.0)
+    stats = {"mean": torch.zeros(2), "std": torch.ones(2), "min": -torch.ones(2), "max": torch.ones(2)}
+    prompts = [tok.chat(p) for p in ("Answer in one word: what colour is the sky?", "Answer yes or no: is water wet?")]
+    for _ in range(2):
+        s, batch = ppo_iteration(policy, critic, rm, opt, tok, prompts, torch.eye(2), cfg, stats)
+        assert all(torch.isfinite(torch.tensor(v)).all() for v in (s["pg_loss"], s["vf_loss"], s["kl"], s["rm"]))
+        assert batch["tokens"].size(0) == 2 and any(t is not None for t in batch["texts"])  # at least one <|im_end|>
+    assert all(l.lora_sigma.abs().sum() > 0 for l in lora_layers(policy))  # every adapted matrix of the policy moved
+    assert sum(not torch.equal(a, q) for a, q in zip(before, trainable)) > 0.9 * len(trainable)
+    after = policy.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in frozen.items())  # the pretrained weights never change

@@ -1,16 +1,19 @@
+import ast
 import contextlib
 import math
+import os
 
 import pytest
 import torch
 
 import world as W
-from conftest import tiny_gpt
-from model import GPT, GPTConfig
+from conftest import ROOT, tiny_gpt
+from model import GPT, GPTConfig, token_logprobs
 from panacea import aggregate
-from rlhf import (bradley_terry_loss, dpo_iteration, dpo_losses, encode_samples, gae, kl_penalised_rewards, pack,
-                  policy_loss, response_mask, rollout, sequence_logprobs, value_loss)
-from svd_lora import disable_adapters, inject_svd_lora, set_preference
+from rlhf import (advantages, bradley_terry_loss, collect, dpo_iteration, dpo_losses, encode_pairs, encode_samples, gae,
+                  kl_penalised_rewards, pack, policy_loss, ppo_iteration, response_mask, rollout, sequence_logprobs, update,
+                  value_loss)
+from svd_lora import disable_adapters, inject_svd_lora, lora_layers, set_preference
 
 
 def test_response_mask_covers_exactly_the_response_actions():
@@ -72,7 +75,7 @@ def test_kl_reward_is_zero_when_the_policy_equals_the_reference():
     policy = inject_svd_lora(tiny_gpt(vocab_size=tok.vocab_size, block_size=96), rank=2, pref_dim=2, alpha=4.0).eval()
     prompts = [p for _, p in W.prompts("train")[:6]]
     prefs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]] * 2)
-    tokens, plen, slen, texts = rollout(policy, tok, prompts, prefs, 20)
+    tokens, plen, slen, texts = rollout(policy, tok, [tok.chat(p) for p in prompts], prefs, 20)
     assert tokens.shape[0] == 6 and all(tokens[b, : plen[b]].tolist() == tok.encode(W.chat(prompts[b])) for b in range(6))
     set_preference(policy, prefs)
     logp = sequence_logprobs(policy, tokens)
@@ -107,8 +110,13 @@ def test_dpo_step_increases_the_chosen_responses_log_ratio():
     prompts = [p for _, p in W.prompts("train")[:8]]
     r0 = [W.sample_response(W.task_of(p), rng).text() for p in prompts]
     r1 = [W.sample_response(W.task_of(p), rng).text() for p in prompts]
-    tokens, plen, slen = encode_samples(tok, prompts * 2, r0 + r1)
-    winners = torch.tensor([[0, 1]] * 8)  # objective 0 prefers response_0
+    winners = [[0, 1]] * 8  # objective 0 prefers response_0
+    tokens, plen, slen, winners = encode_pairs(tok, [tok.chat(p) for p in prompts], r0, r1, winners)
+    assert torch.equal(winners, torch.tensor([[0, 1]] * 8))
+    for b in range(8):  # rows < N hold response_0, rows >= N response_1, each after its rendered prompt
+        for row, r in ((b, r0[b]), (b + 8, r1[b])):
+            assert tokens[row, : slen[row]].tolist() == tok.encode(W.chat(prompts[b])) + tok.encode(r) + [tok.eot]
+            assert plen[row] == len(tok.encode(W.chat(prompts[b])))
     pref = torch.tensor([1.0, 0.0])
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
     cfg = {"dpo_beta": 0.1, "agg": "ls", "tche_mu": 0.0, "grad_clip": 1.0, "epochs": 1, "minibatch_size": 8}
@@ -168,7 +176,7 @@ def tiny_sft():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=96, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=64))
     recs = W.sft_corpus(2000, seed=0)
-    tokens, plen, slen = encode_samples(tok, [r["prompt"] for r in recs], [r["response"] for r in recs])
+    tokens, plen, slen = encode_samples(tok, [tok.chat(r["prompt"]) for r in recs], [r["response"] for r in recs])
     targets = torch.where(response_mask(plen, slen, tokens.size(1)).bool(), tokens[:, 1:], -1)
     opt = model.configure_optimizers(0.0, 3e-3)
     with one_thread():
@@ -185,7 +193,7 @@ def support_set(tok, rows, objectives):
     """Every response of the SFT behaviour (W.behaviour) to each prompt of rows [(task, prompt)]:
     tokens (N, T), response mask (N, T-1), judge scores (N, m) and the row of each response."""
     resp = [(k, t, r) for k, (t, _) in enumerate(rows) for _, r in W.behaviour(t)]
-    tokens, plen, slen = encode_samples(tok, [rows[k][1] for k, _, _ in resp], [r.text() for _, _, r in resp])
+    tokens, plen, slen = encode_samples(tok, [tok.chat(rows[k][1]) for k, _, _ in resp], [r.text() for _, _, r in resp])
     judge = torch.tensor([[W.judge(t, r, o) for o in objectives] for _, t, r in resp])
     return tokens, response_mask(plen, slen, tokens.size(1)), judge, torch.tensor([k for k, _, _ in resp])
 
@@ -224,7 +232,6 @@ def test_ppo_at_a_one_hot_preference_raises_that_objective_and_moves_away_from_t
     """The objective is measured exactly (expected_judge_scores) on a fixed set of training
     prompts before and after 8 PPO iterations. Measured gains: 0.11 to 0.26 over seeds and CPU
     kernels (AVX-512 and AVX2); with the advantage sign flipped, -0.4 or lower."""
-    from rlhf import ppo_iteration
     tok, state = tiny_sft
     torch.manual_seed(1)
     cfg = dict(block_size=96, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=64)
@@ -247,7 +254,7 @@ def test_ppo_at_a_one_hot_preference_raises_that_objective_and_moves_away_from_t
         before = expected_judge_scores(policy, support, pref)
         for _ in range(8):
             batch = [prompts[i] for i in torch.randint(len(prompts), (32,)).tolist()]
-            ppo_iteration(policy, critic, rm, opt, tok, [q for _, q in batch], pref.expand(32, 2), run_cfg, stats)
+            ppo_iteration(policy, critic, rm, opt, tok, [tok.chat(q) for _, q in batch], pref.expand(32, 2), run_cfg, stats)
         after = expected_judge_scores(policy, support, pref)
         kl = kl_from_reference(policy, support, pref)
     print(objective, [round(x, 3) for x in before.tolist()], [round(x, 3) for x in after.tolist()], round(kl, 3))
@@ -304,14 +311,14 @@ class ConstantRewardModel(torch.nn.Module):
 
 
 def test_unfinished_responses_get_the_lowest_sft_score_not_the_reward_model_extrapolation():
-    from rlhf import ppo_iteration
     tok = W.Tokenizer()
     policy, critic, run_cfg = _ppo_setup(tok)
     run_cfg["max_new_tokens"] = 3  # an untrained model rarely ends its response that soon
     opt = torch.optim.AdamW([p for p in list(policy.parameters()) + list(critic.parameters()) if p.requires_grad], lr=0.0)
     stats = {"mean": torch.zeros(2), "std": torch.ones(2) * 2, "min": torch.tensor([-3.0, -5.0])}
-    prompts = [p for _, p in W.prompts("train")[:8]]
-    s, texts = ppo_iteration(policy, critic, ConstantRewardModel(), opt, tok, prompts, torch.eye(2)[[0, 1] * 4], run_cfg, stats)
+    prompts = [tok.chat(p) for _, p in W.prompts("train")[:8]]
+    s, batch = ppo_iteration(policy, critic, ConstantRewardModel(), opt, tok, prompts, torch.eye(2)[[0, 1] * 4], run_cfg, stats)
+    texts = batch["texts"]
     done = torch.tensor([t is not None for t in texts], dtype=torch.float)
     assert done.sum() < len(texts)
     # finished: (100 - mean) / std = 50; unfinished: (min - mean) / std, not the extrapolated 50
@@ -323,23 +330,114 @@ def test_unfinished_responses_get_the_lowest_sft_score_not_the_reward_model_extr
 def test_ppo_ratio_starts_at_one_with_dropout():
     """Old and new log-probs come from the same function: with dropout on, a zero learning rate
     must leave every ratio at exactly 1 (no clipping)."""
-    from rlhf import ppo_iteration
     tok = W.Tokenizer()
     policy, critic, run_cfg = _ppo_setup(tok, dropout=0.5)
     run_cfg["max_new_tokens"] = 20
     opt = torch.optim.AdamW([p for p in list(policy.parameters()) + list(critic.parameters()) if p.requires_grad], lr=0.0)
     stats = {"mean": torch.zeros(2), "std": torch.ones(2), "min": -torch.ones(2)}
-    prompts = [p for _, p in W.prompts("train")[:8]]
+    prompts = [tok.chat(p) for _, p in W.prompts("train")[:8]]
     s, _ = ppo_iteration(policy, critic, ConstantRewardModel(), opt, tok, prompts, torch.full((8, 2), 0.5), run_cfg, stats)
     assert s["clipfrac"] == 0.0
 
 
 def test_baselines_and_panacea_share_the_lora_multiplier():
-    from evaluate import adapted_policy
-    from svd_lora import lora_layers
+    from build import adapted_policy
     model = tiny_gpt(vocab_size=40)
     ck = {"model": model.state_dict(), "model_args": dict(block_size=32, vocab_size=40, n_layer=2, n_head=2, n_embd=64)}
     panacea = adapted_policy(ck, 2, True, 8, 16.0, "cpu")
     baseline = adapted_policy(ck, 2, False, 8, 16.0, "cpu")
     assert {l.scaling for l in lora_layers(panacea)} == {l.scaling for l in lora_layers(baseline)} == {16.0 / 8}
     assert lora_layers(baseline)[0].rank == 10 and lora_layers(panacea)[0].rank == 8  # k + m free values vs k + lambda
+
+
+def test_rlhf_does_not_import_world():
+    """rlhf.py takes prompts already rendered by the tokenizer's chat template and never judges:
+    it imports neither the world nor anything that knows where the data comes from."""
+    with open(os.path.join(ROOT, "rlhf.py")) as f:
+        tree = ast.parse(f.read())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0])
+    assert {"torch", "model", "svd_lora"} <= imported  # the walk does see rlhf's imports
+    assert not imported & {"world", "data", "evaluate", "build"}, imported
+    # nor a dynamic import (__import__("world"), importlib.import_module("world"))
+    assert not any(isinstance(n, ast.Constant) and n.value == "world" for n in ast.walk(tree))
+
+
+def test_sequence_logprobs_from_start_equal_the_full_computation_and_are_zero_before():
+    model = tiny_gpt().eval()
+    tokens = torch.randint(50, (3, 20))
+    with torch.no_grad():
+        full = sequence_logprobs(model, tokens)
+        assert full.shape == (3, 19)
+        assert torch.allclose(full, token_logprobs(model(tokens)[0], tokens), atol=1e-6)
+        for start in (1, 5, 12, 18):
+            part = sequence_logprobs(model, tokens, start)
+            assert part.shape == full.shape
+            assert (part[:, :start] == 0).all()
+            assert torch.allclose(part[:, start:], full[:, start:], atol=1e-5), start
+    # with adapters and one preference per row, as PPO and DPO call it, gradients included
+    model = inject_svd_lora(tiny_gpt(), rank=2, pref_dim=2, alpha=4.0).eval()
+    for layer in lora_layers(model):
+        torch.nn.init.normal_(layer.lora_sigma, std=1.0), torch.nn.init.constant_(layer.lora_s, 2.0)
+    set_preference(model, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]))
+    full = sequence_logprobs(model, tokens)
+    part = sequence_logprobs(model, tokens, 7)
+    assert (part[:, :7] == 0).all() and torch.allclose(part[:, 7:], full[:, 7:], atol=1e-5)
+    (g_full,) = torch.autograd.grad(full[:, 7:].sum(), lora_layers(model)[0].lora_s)
+    (g_part,) = torch.autograd.grad(part.sum(), lora_layers(model)[0].lora_s)
+    assert g_full.abs().sum() > 0 and torch.allclose(g_part, g_full, atol=1e-5)
+
+
+@pytest.mark.parametrize("agg", ["ls", "tche"])
+def test_ppo_iteration_is_collect_then_advantages_then_update(agg):
+    """ppo_iteration composes collect -> advantages -> update: from the same seed, the steps
+    called by hand give the same batch, the same logs and the same updated weights, bit for bit."""
+    tok = W.Tokenizer()
+    prompts = [tok.chat(p) for _, p in W.prompts("train")[:8]]
+    prefs = torch.tensor([[0.3, 0.7], [0.7, 0.3]]).repeat_interleave(4, 0)
+    ideal = torch.tensor([0.4, -0.3])
+    rm_stats = {"mean": torch.tensor([0.1, -0.1]), "std": torch.tensor([0.5, 2.0]), "min": torch.tensor([-1.0, -2.0])}
+
+    def setup():
+        policy, critic, cfg = _ppo_setup(tok)
+        cfg.update(agg=agg, epochs=2, max_new_tokens=12)
+        with torch.no_grad():  # the end token likely enough that some responses finish in 12 tokens
+            policy.transformer.ln_f.bias[0] = 3.0
+            policy.lm_head.weight[tok.eot, 0] = 1.0
+        for layer in lora_layers(policy):  # adapters that change the policy from the reference
+            torch.nn.init.normal_(layer.lora_sigma, std=0.5)
+        reward_model = tiny_gpt(n_heads_out=2, seed=3, vocab_size=tok.vocab_size, block_size=96).eval()
+        opt = torch.optim.AdamW([p for p in list(policy.parameters()) + list(critic.parameters()) if p.requires_grad], lr=1e-2)
+        return policy, critic, reward_model, opt, cfg
+
+    policy, critic, reward_model, opt, cfg = setup()
+    init = {k: v.clone() for k, v in policy.state_dict().items()}
+    torch.manual_seed(5)
+    runs = [ppo_iteration(policy, critic, reward_model, opt, tok, prompts, prefs, cfg, rm_stats, ideal) for _ in range(2)]
+
+    policy2, critic2, reward_model2, opt2, cfg2 = setup()
+    torch.manual_seed(5)
+    for stats, batch in runs:
+        b = collect(policy2, critic2, reward_model2, tok, prompts, prefs, cfg2, rm_stats)
+        assert b["texts"] == batch["texts"] and len(b["texts"]) == 8
+        if agg == "tche":  # the ideal point matters here: a composition that dropped it would show
+            assert not torch.equal(advantages(dict(b), cfg2, None)["adv"], advantages(dict(b), cfg2, ideal)["adv"])
+        b = advantages(b, cfg2, ideal)
+        for k in ("tokens", "plen", "slen", "finished", "mask", "logp", "ref_logp", "scores", "values", "adv", "returns"):
+            assert torch.equal(b[k], batch[k]), k
+        s = update(policy2, critic2, opt2, b, cfg2)
+        assert set(s) == {"pg_loss", "vf_loss", "clipfrac"} and set(stats) == set(s) | {"kl", "rm", "max_score"}
+        assert all(stats[k] == s[k] for k in s), (stats, s)
+        assert stats["kl"] == ((b["logp"] - b["ref_logp"]) * b["mask"]).sum(-1).mean().item()
+        assert stats["rm"] == b["scores"].mean(0).tolist()
+        assert torch.equal(stats["max_score"], torch.where(b["finished"][:, None], b["scores"], -math.inf).max(0).values)
+    assert any(t is not None for _, batch in runs for t in batch["texts"])
+    assert any(t is None for _, batch in runs for t in batch["texts"])
+    for a, b in ((policy, policy2), (critic, critic2)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(v, init[k]) for k, v in policy.state_dict().items() if ".lora_" in k)  # it did train

@@ -18,8 +18,8 @@ TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--sft_iters", "40"
         "--eval_interval", "20", "--log_interval", "1", "--max_new_tokens", "50"]
 TINY_RL = ["--rl_iters", "3", "--rollout_batch", "8", "--minibatch_size", "4", "--epochs", "1", "--pref_group", "4",
            "--eval_divisions", "2"]
-FRONT_KEYS = {"objectives", "prefs", "judge_scores", "rm_scores", "sft_judge_scores", "ls_judge_scores", "attainable_front",
-              "reference_point", "metrics", "cost"}
+FRONT_KEYS = {"objectives", "prefs", "n_prompts", "judge_scores", "rm_scores", "sft_judge_scores", "sft_rm_scores", "scored_by",
+              "ls_judge_scores", "attainable_front", "reference_point", "metrics", "cost"}
 
 
 def run(script, *args, check=True, env=None):
@@ -68,6 +68,8 @@ def test_whole_pipeline_ppo_writes_the_front_and_answers_any_preference(base, pp
     assert set(front) == FRONT_KEYS
     assert front["objectives"] == ["helpful", "harmless"] and front["prefs"] == [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]
     assert len(front["judge_scores"]) == len(front["rm_scores"]) == len(front["ls_judge_scores"]) == 3
+    assert front["scored_by"] == "the world's judges" and len(front["sft_rm_scores"]) == len(front["sft_judge_scores"]) == 2
+    assert front["n_prompts"] == min(100, len(W.prompts("eval", 1337)))  # --eval_prompts 100 by default
     assert set(front["metrics"]["judge"]) >= {"hypervolume", "inner_product", "sparsity", "spacing"}
     assert set(front["metrics"]["rm"]) >= {"hypervolume", "inner_product", "sparsity", "spacing"}
     assert 0 <= front["metrics"]["hypervolume_ratio"] <= 1 and front["metrics"]["attainable_hypervolume"] > front["metrics"]["ls_hypervolume"] > 0
@@ -142,7 +144,7 @@ def test_three_objectives_end_to_end(base, tmp_path):
     train(base, out, "--objectives", "helpful,harmless,concise", "--eval_divisions", "1", "--algo", "dpo")
     front = load_front(out)
     assert front["objectives"] == ["helpful", "harmless", "concise"] and len(front["prefs"]) == 3
-    assert all(len(p) == 3 for p in front["judge_scores"] + front["ls_judge_scores"])
+    assert all(len(p) == 3 for p in front["judge_scores"] + front["ls_judge_scores"] + front["rm_scores"] + [front["sft_rm_scores"]])
     assert os.path.getsize(out / "pareto.png") > 10000
     p = train(base, tmp_path / "three-ppo", "--objectives", "helpful,harmless,concise", "--eval_divisions", "1", "--rl_iters", "1")
     assert "panacea iter 1" in p.stdout
@@ -151,7 +153,7 @@ def test_three_objectives_end_to_end(base, tmp_path):
 def test_rewarded_soup_at_a_vertex_is_the_single_objective_model_and_dps_models_are_plain_ls_runs(base, tmp_path):
     """RS at lambda = e_i must be model i exactly; and since every model of a baseline is a plain LS
     run at its fixed lambda with the run's seed, DPS's model at (1, 0) equals RS's model at (1, 0)."""
-    import evaluate
+    import build
     from svd_lora import merge
     rs, dps = tmp_path / "rs", tmp_path / "dps"
     train(base, rs, "--method", "rs", "--rl_iters", "2", "--stage", "panacea")
@@ -163,16 +165,16 @@ def test_rewarded_soup_at_a_vertex_is_the_single_objective_model_and_dps_models_
         assert torch.equal(v, ck_dps["adapters"][1][k]), k
     idx = torch.randint(ck_rs["base"]["model_args"]["vocab_size"], (2, 12))
     for i, pref in enumerate([[1.0, 0.0], [0.0, 1.0]]):
-        soup = evaluate.rewarded_soup(ck_rs["base"], ck_rs, pref, "cpu")
-        single = evaluate.trained_model(ck_rs["base"], ck_rs, i, "cpu")
+        soup = build.rewarded_soup(ck_rs["base"], ck_rs, pref, "cpu")
+        single = build.trained_model(ck_rs["base"], ck_rs, i, "cpu")
         merge(single)
         merged = {k.replace(".base.", "."): v for k, v in single.state_dict().items() if ".lora_" not in k}
         assert merged.keys() == soup.state_dict().keys()
         assert all(torch.equal(v, merged[k]) for k, v in soup.state_dict().items())
         assert torch.equal(soup(idx)[0], single(idx)[0])
     # halfway, the soup is neither end
-    half = evaluate.rewarded_soup(ck_rs["base"], ck_rs, [0.5, 0.5], "cpu")
-    assert not torch.equal(half(idx)[0], evaluate.rewarded_soup(ck_rs["base"], ck_rs, [1.0, 0.0], "cpu")(idx)[0])
+    half = build.rewarded_soup(ck_rs["base"], ck_rs, [0.5, 0.5], "cpu")
+    assert not torch.equal(half(idx)[0], build.rewarded_soup(ck_rs["base"], ck_rs, [1.0, 0.0], "cpu")(idx)[0])
 
 
 def test_killed_stage_resumes_from_its_checkpoint_and_ends_where_an_unbroken_run_ends(tmp_path):
@@ -190,7 +192,7 @@ def test_killed_stage_resumes_from_its_checkpoint_and_ends_where_an_unbroken_run
     first = torch.load(ckpt, weights_only=True)
     assert not first["finished"], "the run ended before it could be killed"
     p = run("train.py", "--out_dir", str(out), *args)
-    assert f"resuming from iteration {first['iter_num']}" in p.stdout
+    assert f"sft: resuming at iteration {first['iter_num']}" in p.stdout
     a = torch.load(tmp_path / "whole" / "sft" / "ckpt.pt", weights_only=True)
     b = torch.load(ckpt, weights_only=True)
     assert b["finished"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -202,7 +204,8 @@ def test_two_process_ddp_runs_every_stage_with_ranks_in_sync(tmp_path):
            "--out_dir", str(tmp_path), "--device", "cpu", *TINY, *TINY_RL]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
-    for stage in ("sft", "rm", "panacea"):
-        assert f"ddp: {stage} parameters identical on 2 ranks" in p.stdout
+    for stage, nets in (("sft", ["model"]), ("rm", ["model"]), ("panacea", ["policy", "critic"])):
+        for net in nets:
+            assert f"ddp: {stage} {net} parameters identical on 2 ranks" in p.stdout, p.stdout
     front = load_front(tmp_path)
     assert set(front) == FRONT_KEYS and front["cost"]["update_steps"] == 3 * 2

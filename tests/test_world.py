@@ -163,5 +163,6 @@ def test_tokenizer_round_trip_and_unknown_words():
         assert max(ids) < tok.vocab_size and tok.decode(ids) == text
     with pytest.raises(ValueError, match="'kite'"):
         tok.encode(W.chat("How do I bake a kite?"))
+    assert tok.chat("How do I bake bread?") == W.chat("How do I bake bread?")  # the template callers render prompts with
     again = W.Tokenizer(tok.gpt2_ids)
     assert again.encode(W.chat("How do I bake bread?")) == tok.encode(W.chat("How do I bake bread?"))

@@ -1,0 +1,102 @@
+"""
+Every network of the pipeline, built from the checkpoints train.py writes (SFT, reward model,
+Panacea or a baseline); train.py, evaluate.py and sample.py use these.
+
+    load_gpt(sft_ck)                  the SFT model (a GPT or a pretrained Llama-style model, by its model_args),
+                                      or its trunk with fresh scalar heads (n_heads_out > 0)
+    load_reward_model(rm_ck, sft_ck)  one Bradley-Terry head per objective, and the heads' score statistics
+    adapted_policy(...)               SFT model + Panacea's SVD-LoRA (k + m singular values, m of them lambda),
+                                      or the baselines' plain low-rank adapter of the same rank
+    critic_model(...)                 PPO's critic: the reward model's trunk, its own adapter, a value head per objective
+    policy_at(sft_ck, pol_ck, pref)   the trained policy at lambda: Panacea writes lambda into its
+                                      singular values; Rewarded Soups interpolates weight changes,
+                                      W(lambda) = W0 + sum_i lambda_i Delta W_i; DPS has one model per grid point
+"""
+import torch
+
+from model import GPT, GPTConfig
+from svd_lora import inject_svd_lora, lora_layers, set_preference
+
+
+def load_gpt(ck, device, n_heads_out=0):
+    """A GPT with the SFT checkpoint's weights (an LM, or a trunk with fresh scalar heads)."""
+    model = GPT(GPTConfig(**ck["model_args"], n_heads_out=n_heads_out)).to(device)
+    state = {k: v for k, v in ck["model"].items() if not k.startswith("lm_head")} if n_heads_out else ck["model"]
+    model.load_state_dict(state, strict=not n_heads_out)
+    return model
+
+
+def adapted_policy(sft_ck, m, conditioned, rank, alpha, device):
+    """SFT model + adapter: Panacea's SVD-LoRA with k + m singular values, m of them lambda; the
+    baselines an ordinary low-rank adapter of the same rank k + m (no preference slots)."""
+    pd = m if conditioned else 0
+    return inject_svd_lora(load_gpt(sft_ck, device), rank + m - pd, pd, lora_alpha(rank, m, pd, alpha))
+
+
+def lora_alpha(rank, m, pref_dim, alpha):
+    """The alpha that gives c = alpha / k for an adapter with rank + m - pref_dim free singular values:
+    Panacea and the baselines then share one multiplier, and so one effective step size."""
+    return alpha * (rank + m - pref_dim) / rank
+
+
+def critic_model(sft_ck, rm_ck, m, conditioned, rank, alpha, device):
+    """The PPO critic: the reward model's trunk with its own SVD-LoRA (conditioned like the policy)
+    and a fresh, zero-initialised, trainable value head per objective."""
+    critic = GPT(GPTConfig(**sft_ck["model_args"], n_heads_out=m)).to(device)
+    critic.load_state_dict({k: v for k, v in rm_ck["model"].items() if not k.startswith("value_head")}, strict=False)
+    torch.nn.init.zeros_(critic.value_head.weight), torch.nn.init.zeros_(critic.value_head.bias)
+    pd = m if conditioned else 0
+    inject_svd_lora(critic, rank + m - pd, pd, lora_alpha(rank, m, pd, alpha))
+    critic.value_head.requires_grad_(True)
+    return critic
+
+
+def trained_model(sft_ck, pol_ck, j, device):
+    """Model j of a policy checkpoint (Panacea has one; RS one per objective; DPS one per grid point)."""
+    m, conditioned = len(pol_ck["objectives"]), pol_ck["fixed_prefs"][j] is None
+    model = adapted_policy(sft_ck, m, conditioned, pol_ck["lora_rank"], pol_ck["lora_alpha"], device)
+    missing = set(model.load_state_dict(pol_ck["adapters"][j], strict=False).missing_keys)
+    assert not any(".lora_" in k for k in missing), "adapter weights missing from the checkpoint"
+    return model.eval()
+
+
+@torch.no_grad()
+def rewarded_soup(sft_ck, pol_ck, pref, device):
+    """Rewarded Soups: W(lambda) = W0 + sum_i lambda_i Delta W_i, Delta W_i = c U_i diag(e_i) V_i^T
+    the real weight change of the one-objective model i. (Averaging U and V separately would give
+    sum_i lambda_i U_i diag(.) sum_j lambda_j V_j^T, cross terms included: not the same model.)"""
+    soup = load_gpt(sft_ck, device)
+    for i, w in enumerate(pref):
+        model_i = trained_model(sft_ck, pol_ck, i, device)
+        for name, mod in model_i.named_modules():
+            if mod in lora_layers(model_i):
+                soup.get_submodule(name).weight += w * mod.delta_weight()
+    return soup.eval()
+
+
+def policy_at(sft_ck, pol_ck, pref, device):
+    """(model, conditioned) answering preference `pref` (a list of m floats summing to 1)."""
+    method = pol_ck["method"]
+    if method == "panacea":
+        model = trained_model(sft_ck, pol_ck, 0, device)
+        set_preference(model, pref)
+        return model, True
+    if method == "rs":
+        return rewarded_soup(sft_ck, pol_ck, pref, device), False
+    grid = pol_ck["fixed_prefs"]
+    j = min(range(len(grid)), key=lambda i: sum((a - b) ** 2 for a, b in zip(grid[i], pref)))
+    if max(abs(a - b) for a, b in zip(grid[j], pref)) > 1e-6:
+        raise ValueError(f"a DPS run has models only for the preferences {grid}")
+    return trained_model(sft_ck, pol_ck, j, device), False
+
+
+def load_reward_model(rm_ck, sft_ck, objectives, device):
+    """The reward model with its heads restricted to `objectives`, and their standardisation stats."""
+    heads = [rm_ck["objectives"].index(o) for o in objectives]
+    rm = GPT(GPTConfig(**sft_ck["model_args"], n_heads_out=len(rm_ck["objectives"]))).to(device)
+    rm.load_state_dict(rm_ck["model"])
+    with torch.no_grad():
+        head = torch.nn.Linear(rm.value_head.in_features, len(heads)).to(device)
+        head.weight.copy_(rm.value_head.weight[heads]), head.bias.copy_(rm.value_head.bias[heads])
+    rm.value_head = head
+    return rm.eval(), {k: v[heads].to(device) for k, v in rm_ck["stats"].items()}

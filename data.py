@@ -1,0 +1,208 @@
+"""
+Where the text comes from: the embedded world or your own JSONL files; and the tokenizer that reads it.
+
+A source gives train.py, evaluate.py and sample.py everything that depends on the data:
+    objectives               the objectives its pairs label, in file order (world: helpful, harmless, concise)
+    sft_records()            [{"prompt", "response"}]   (sft_tensors: tokenised, in the model's chat template)
+    pair_records(split)      [{"prompt", "response_0", "response_1", "winners": {objective: 0, 1 or -1 (a tie)}}]
+                             (pair_tensors: tokenised; samples longer than the model's block_size left out)
+    prompts(split)           distinct prompt texts: "train" for PPO, "eval" (held out) for the front
+    judge                    None, or judge(prompts, responses, objectives) -> (B, m) ground-truth scores
+                             (the world's; a response None is unfinished and scores as malformed)
+    digest()                 a hash of the files: a stage trained on other data is not reused
+
+Your own data (--data_dir DIR), one JSON object per line:
+    DIR/pairs.jsonl          prompt, response_0, response_1 and <objective>_winner (0 or 1, -1 a tie) for
+                             each objective (any names, at least 2). PKU-SafeRLHF's release is read as it is:
+                             better_response_id is helpful_winner, safer_response_id harmless_winner.
+    DIR/pairs_eval.jsonl     held-out pairs (optional; default: the pairs of every 10th distinct prompt)
+    DIR/sft.jsonl            prompt, response (optional; default: every training pair's winner on the
+                             first objective)
+A missing field, a winner other than 0, 1 or -1 or an empty file stops with one line naming file and line.
+
+Tokenizers (tokenizer(spec); the spec is stored in every checkpoint):
+    {"gguf": name_or_path}   a pretrained model's own (tokenizer.GGUFTokenizer), chat template ChatML
+    {"gpt2_ids": ids}        GPT-2's BPE on a dense list of its ids: the world's few hundred tokens, or
+                             "all" 50,257 (real text, from-scratch GPT); chat template "User: ...\\nAssistant:"
+"""
+import hashlib
+import json
+import os
+import zlib
+
+import torch
+
+import world
+from rlhf import encode_pairs, encode_samples
+
+PKU_FIELDS = {"better_response_id": "helpful", "safer_response_id": "harmless"}
+WINNER = "_winner"
+
+
+def read_jsonl(path, keys=()):
+    """Records of a JSONL file, each checked to hold `keys`; a ValueError names the file and line."""
+    if not os.path.exists(path):
+        raise ValueError(f"data file {path} does not exist")
+    out = []
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path} line {i} is not UTF-8 text") from None
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise ValueError(f"{path} line {i} is not valid JSON") from None
+            missing = [k for k in keys if not isinstance(rec, dict) or k not in rec]
+            if missing:
+                raise ValueError(f"{path} line {i} lacks {', '.join(missing)}")
+            out.append((i, rec))
+    if not out:
+        raise ValueError(f"{path} holds no records")
+    return out
+
+
+def winner_fields(rec):
+    """{objective: field} of a record: <objective>_winner fields, and PKU-SafeRLHF's own names."""
+    fields = {k[: -len(WINNER)]: k for k in rec if k.endswith(WINNER)}
+    fields.update({o: k for k, o in PKU_FIELDS.items() if k in rec and o not in fields})
+    return fields
+
+
+def read_pairs(path, objectives=None):
+    """Pair records with their winners per objective; the objectives are those of the first record
+    (or the given ones), and every record must label each of them."""
+    lines = read_jsonl(path, ["prompt", "response_0", "response_1"])
+    fields = winner_fields(lines[0][1])
+    objectives = list(objectives or fields)
+    out = []
+    for i, rec in lines:
+        fields = winner_fields(rec)
+        missing = [o for o in objectives if o not in fields]
+        if missing:
+            raise ValueError(f"{path} line {i} lacks {', '.join(o + WINNER for o in missing)} (the objectives are {', '.join(objectives)})")
+        winners = {}
+        for o in objectives:
+            w = rec[fields[o]]
+            if type(w) is not int or w not in (0, 1, -1):
+                raise ValueError(f"{path} line {i}: {fields[o]} is {w!r}; a winner is 0, 1 or -1 (a tie)")
+            winners[o] = int(w)
+        texts = [rec[k] for k in ("prompt", "response_0", "response_1")]
+        if not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"{path} line {i}: prompt, response_0 and response_1 must be strings")
+        out.append({"prompt": texts[0], "response_0": texts[1], "response_1": texts[2], "winners": winners})
+    return objectives, out
+
+
+class Source:
+    """Data read from JSONL files: paths {"sft", "pairs", "pairs_eval"}, each None where absent."""
+    judge = None
+
+    def __init__(self, paths, describe):
+        self.paths, self.describe = paths, describe
+        self.objectives, _ = read_pairs(paths["pairs"])
+        if len(self.objectives) < 2:
+            raise ValueError(f"{paths['pairs']} labels {len(self.objectives)} objective(s) ({', '.join(self.objectives) or 'none'}); "
+                             f"Panacea needs 2 or more <objective>_winner fields")
+
+    def pair_records(self, split):
+        if self.paths["pairs_eval"] is not None:
+            return read_pairs(self.paths["pairs" if split == "train" else "pairs_eval"], self.objectives)[1]
+        recs = read_pairs(self.paths["pairs"], self.objectives)[1]  # every 10th distinct prompt is held out
+        return [r for r in recs if (zlib.crc32(r["prompt"].encode()) % 10 == 0) == (split == "eval")]
+
+    def sft_records(self):
+        if self.paths["sft"] is not None:
+            recs = read_jsonl(self.paths["sft"], ["prompt", "response"])
+            bad = next((i for i, r in recs if not (isinstance(r["prompt"], str) and isinstance(r["response"], str))), None)
+            if bad is not None:
+                raise ValueError(f"{self.paths['sft']} line {bad}: prompt and response must be strings")
+            return [r for _, r in recs]
+        first = self.objectives[0]
+        return [{"prompt": r["prompt"], "response": r[f"response_{r['winners'][first]}"]}
+                for r in self.pair_records("train") if r["winners"][first] >= 0]
+
+    def prompts(self, split):
+        return list(dict.fromkeys(r["prompt"] for r in self.pair_records(split)))
+
+    def digest(self):
+        h = hashlib.sha256()
+        for name in ("sft", "pairs", "pairs_eval"):
+            if self.paths[name] is not None:
+                with open(self.paths[name], "rb") as f:
+                    h.update(name.encode() + f.read())
+        return h.hexdigest()[:16]
+
+
+def own_data(data_dir):
+    """Your own files in data_dir (see the module docstring)."""
+    paths = {n: os.path.join(data_dir, n + ".jsonl") for n in ("sft", "pairs", "pairs_eval")}
+    if not os.path.exists(paths["pairs"]):
+        raise ValueError(f"{paths['pairs']} does not exist: --data_dir needs pairs.jsonl (see data.py)")
+    src = Source({n: p if n == "pairs" or os.path.exists(p) else None for n, p in paths.items()}, f"your data in {data_dir}")
+    for split in ("train", "eval"):
+        if not src.pair_records(split):
+            raise ValueError(f"{paths['pairs']}: no {split} pairs left after the held-out split; add pairs_eval.jsonl")
+    return src
+
+
+class World(Source):
+    """The embedded world's data, generated once into data_dir and named by what generated it."""
+
+    def __init__(self, data_dir, seed, n_sft, n_pairs, label_temperature, write=True):
+        self.seed = seed
+        n_eval = max(200, n_pairs // 10)
+        paths = {"sft": f"sft-n{n_sft}-seed{seed}", "pairs": f"pairs-n{n_pairs}-T{label_temperature}-seed{seed}",
+                 "pairs_eval": f"pairs_eval-n{n_eval}-seed{seed}"}
+        paths = {k: os.path.join(data_dir, v + ".jsonl") for k, v in paths.items()}
+        if write:  # (under DDP rank 0 writes, the others wait and read)
+            for name, make in (("sft", lambda: world.sft_corpus(n_sft, seed)),
+                               ("pairs", lambda: world.preference_pairs(n_pairs, "train", label_temperature, seed=seed)),
+                               ("pairs_eval", lambda: world.preference_pairs(n_eval, "eval", 0.0, seed=seed))):
+                if not os.path.exists(paths[name]):
+                    world.write_jsonl(paths[name], make())
+        self.paths, self.describe, self.objectives = paths, "the embedded world", list(world.OBJECTIVES)
+
+    def prompts(self, split):
+        return [p for _, p in world.prompts(split, self.seed)]
+
+    @staticmethod
+    def judge(prompts, responses, objectives):
+        return torch.tensor([world.judge_text(world.task_of(p), r, objectives) if r is not None
+                             else [world.MALFORMED] * len(objectives) for p, r in zip(prompts, responses)])
+
+
+def fitting(tokens, plen, slen, n_rows, block_size):
+    """The rows (SFT samples, or pairs: both responses) no longer than block_size, and how many are not."""
+    fits = (slen <= block_size).view(-1, n_rows).all(0)
+    if not fits.any():
+        raise ValueError(f"no sample fits in --block_size {block_size} tokens")
+    rows = torch.arange(len(slen)).view(-1, n_rows)[:, fits].flatten()  # pairs: kept response_0 rows, then response_1 rows
+    return (tokens[rows, : int(slen[rows].max())], plen[rows], slen[rows]), fits, int((~fits).sum())
+
+
+def sft_tensors(source, tok, block_size):
+    """(tokens, prompt_len, seq_len) of the SFT corpus, each prompt in tok's chat template; how many were too long."""
+    recs = source.sft_records()
+    out, _, dropped = fitting(*encode_samples(tok, [tok.chat(r["prompt"]) for r in recs], [r["response"] for r in recs]), len(recs), block_size)
+    return out, dropped
+
+
+def pair_tensors(source, tok, split, objectives, block_size):
+    """rlhf.encode_pairs' tensors of the source's split ("train" or "eval"), winners of `objectives`; how many were too long."""
+    recs = source.pair_records(split)
+    *seqs, winners = encode_pairs(tok, [tok.chat(r["prompt"]) for r in recs], [r["response_0"] for r in recs],
+                                  [r["response_1"] for r in recs], [[r["winners"][o] for o in objectives] for r in recs])
+    out, fits, dropped = fitting(*seqs, len(recs), block_size)
+    return (*out, winners[fits]), dropped
+
+
+def tokenizer(spec):
+    """The tokenizer a checkpoint was trained with (see the module docstring)."""
+    if "gguf" in spec:
+        from tokenizer import GGUFTokenizer
+        return GGUFTokenizer(spec["gguf"])
+    return world.Tokenizer(range(50257) if spec["gpt2_ids"] == "all" else spec["gpt2_ids"])
