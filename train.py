@@ -116,7 +116,7 @@ device_type = "cuda" if use_cuda else "cpu"
 dtype = ("bfloat16" if use_cuda else "float32") if args.dtype == "auto" else args.dtype
 autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 if use_cuda:
-    torch.cuda.set_device(device)
+    torch.cuda.set_device(torch.device(device).index or 0)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
