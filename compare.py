@@ -54,12 +54,13 @@ def expand(args):
 
 
 def run_metrics(fr):
-    """The metrics of one front, recomputed from its points against its own reference point."""
+    """The metrics of one front, recomputed from its points against its own reference point (a front
+    without judges, on your own data: from its reward-model scores, and no ratio to an attainable front)."""
     m = len(fr["objectives"])
-    j = front_metrics(fr["judge_scores"], fr["prefs"], fr["reference_point"])
-    row = {"hv": j["hypervolume"], "hv_ratio": j["hypervolume"] / fr["metrics"]["attainable_hypervolume"],
-           "inner_product": j["inner_product"], "sparsity": j["sparsity"], "spacing": j["spacing"],
-           "rm_hv": front_metrics(fr["rm_scores"], fr["prefs"], [RM_REFERENCE] * m)["hypervolume"]}
+    rm = front_metrics(fr["rm_scores"], fr["prefs"], [RM_REFERENCE] * m)
+    j = front_metrics(fr["judge_scores"], fr["prefs"], fr["reference_point"]) if "judge_scores" in fr else rm
+    row = {"hv": j["hypervolume"], "hv_ratio": j["hypervolume"] / fr["metrics"]["attainable_hypervolume"] if "judge_scores" in fr else None,
+           "inner_product": j["inner_product"], "sparsity": j["sparsity"], "spacing": j["spacing"], "rm_hv": rm["hypervolume"]}
     row.update({k: fr.get("cost", {}).get(k) for k in ("models", "update_steps", "seconds")})
     return row
 
@@ -71,6 +72,8 @@ def compare(groups):
     for label, fronts in groups:
         if any(fr["objectives"] != objectives for fr in fronts):
             raise ValueError(f"{label} was evaluated on other objectives than {','.join(objectives)}")
+        if len({"judge_scores" in fr for g in groups for fr in g[1]}) > 1:
+            raise ValueError("some runs were scored by the world's judges and others by reward models only: compare them apart")
         runs = [run_metrics(fr) for fr in fronts]
         row = {"run": label, "n": len(runs), "runs": runs}
         for k, _ in COLUMNS:
@@ -92,7 +95,8 @@ def cell(row, k):
 
 def markdown(rows, objectives):
     lines = [f"Objectives: {', '.join(objectives)}. Mean ± standard deviation over n runs. HV, HV / attainable and inner "
-             "product: higher is better; sparsity and spacing: lower.", "",
+             "product: higher is better; sparsity and spacing: lower. Runs without judges (your own data): HV and the "
+             "others from the reward models' scores.", "",
              "| run | n | " + " | ".join(name for _, name in COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
     for row in rows:
         lines.append(f"| {row['run']} | {row['n']} | " + " | ".join(cell(row, k) for k, _ in COLUMNS) + " |")
@@ -102,8 +106,9 @@ def markdown(rows, objectives):
 def mean_front(fronts):
     """A row's front for the plot: the mean point per lambda over its runs (same grid)."""
     fr = dict(fronts[0])
+    key = "judge_scores" if "judge_scores" in fr else "rm_scores"
     if all(f["prefs"] == fr["prefs"] for f in fronts):
-        fr["judge_scores"] = np.mean([f["judge_scores"] for f in fronts], axis=0).tolist()
+        fr[key] = np.mean([f[key] for f in fronts], axis=0).tolist()
     return fr
 
 

@@ -62,3 +62,20 @@ def test_compare_refuses_fronts_on_other_objectives_and_empty_patterns(tmp_path)
         p = subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), *args, "--out", str(tmp_path / "x")],
                            capture_output=True, text=True)
         assert p.returncode == 1 and p.stderr.startswith("error:") and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_fronts_without_judges_compare_by_their_reward_model_scores_and_never_mix_with_judged_ones(tmp_path):
+    own = {"objectives": ["helpful", "harmless"], "prefs": [[0, 1], [1, 0]], "rm_scores": [[0, 0], [1, 1]],
+           "sft_rm_scores": [0.0, 0.0], "scored_by": "reward models (the data has no judges)", "metrics": {},
+           "cost": {"models": 1, "update_steps": 8, "seconds": 2.5}}
+    write(tmp_path / "own", own)
+    out = tmp_path / "table"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), str(tmp_path / "own"), "--out", str(out)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    (row,) = json.load(open(str(out) + ".json"))["rows"]
+    assert row["hv"] == pytest.approx(9.0) and row["rm_hv"] == pytest.approx(9.0) and row["hv_ratio"] is None  # [1, 1] vs -2
+    write(tmp_path / "judged", front([[0, 1]], [[1, 3]], [[0, 0]]))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), str(tmp_path / "own"), str(tmp_path / "judged"),
+                        "--out", str(out)], capture_output=True, text=True)
+    assert p.returncode == 1 and "compare them apart" in p.stderr and len(p.stderr.strip().splitlines()) == 1
