@@ -75,11 +75,13 @@ def winner_fields(rec):
 def read_pairs(path, objectives=None):
     """Pair records with their winners per objective; the objectives are those of the first record
     (or the given ones), and every record must label each of them."""
-    lines = read_jsonl(path, ["prompt", "response_0", "response_1"])
-    fields = winner_fields(lines[0][1])
-    objectives = list(objectives or fields)
+    lines = read_jsonl(path)
+    objectives = list(objectives or winner_fields(lines[0][1] if isinstance(lines[0][1], dict) else {}))
     out = []
-    for i, rec in lines:
+    for i, rec in lines:  # the first bad line is the one named
+        missing = [k for k in ("prompt", "response_0", "response_1") if not isinstance(rec, dict) or k not in rec]
+        if missing:
+            raise ValueError(f"{path} line {i} lacks {', '.join(missing)}")
         fields = winner_fields(rec)
         missing = [o for o in objectives if o not in fields]
         if missing:
