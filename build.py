@@ -68,8 +68,9 @@ def rewarded_soup(sft_ck, pol_ck, pref, device):
     soup = load_gpt(sft_ck, device)
     for i, w in enumerate(pref):
         model_i = trained_model(sft_ck, pol_ck, i, device)
+        adapted = set(lora_layers(model_i))
         for name, mod in model_i.named_modules():
-            if mod in lora_layers(model_i):
+            if mod in adapted:
                 soup.get_submodule(name).weight += w * mod.delta_weight()
     return soup.eval()
 

@@ -25,6 +25,7 @@ Tokenizers (tokenizer(spec); the spec is stored in every checkpoint):
     {"gpt2_ids": ids}        GPT-2's BPE on a dense list of its ids: the world's few hundred tokens, or
                              "all" 50,257 (real text, from-scratch GPT); chat template "User: ...\\nAssistant:"
 """
+import functools
 import hashlib
 import json
 import os
@@ -105,15 +106,20 @@ class Source:
 
     def __init__(self, paths, describe):
         self.paths, self.describe = paths, describe
-        self.objectives, _ = read_pairs(paths["pairs"])
+        self.objectives = self._read("pairs")[0]
         if len(self.objectives) < 2:
             raise ValueError(f"{paths['pairs']} labels {len(self.objectives)} objective(s) ({', '.join(self.objectives) or 'none'}); "
                              f"Panacea needs 2 or more <objective>_winner fields")
 
+    @functools.lru_cache(maxsize=None)
+    def _read(self, name):
+        """(objectives, records) of a pairs file, parsed once per source."""
+        return read_pairs(self.paths[name], getattr(self, "objectives", None))
+
     def pair_records(self, split):
         if self.paths["pairs_eval"] is not None:
-            return read_pairs(self.paths["pairs" if split == "train" else "pairs_eval"], self.objectives)[1]
-        recs = read_pairs(self.paths["pairs"], self.objectives)[1]  # every 10th distinct prompt is held out
+            return self._read("pairs" if split == "train" else "pairs_eval")[1]
+        recs = self._read("pairs")[1]  # every 10th distinct prompt is held out
         return [r for r in recs if (zlib.crc32(r["prompt"].encode()) % 10 == 0) == (split == "eval")]
 
     def sft_records(self):

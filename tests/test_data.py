@@ -344,3 +344,12 @@ def test_world_judge(world_src):
     s2 = src.judge([prompt], [full], ["concise", "helpful"])
     assert s2[0].tolist() == pytest.approx([world.judge(t, world.parse(full), "concise"), 1.0])
     assert data.World.judge([prompt], [" not a response"], ["helpful"])[0, 0].item() == world.MALFORMED
+
+
+def test_a_pairs_file_is_parsed_once_per_source(monkeypatch):
+    calls = []
+    read = data.read_pairs
+    monkeypatch.setattr(data, "read_pairs", lambda *a, **k: calls.append(a[0]) or read(*a, **k))
+    src = data.own_data(PKU)
+    src.prompts("train"), src.prompts("eval"), src.sft_records(), src.pair_records("train")
+    assert len(calls) == 1
