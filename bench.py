@@ -15,27 +15,27 @@ machine's load cancels out of a ratio far better than out of a time):
     python bench.py --n_layer 8 --n_embd 512 --device cuda
     python bench.py --init_from smollm2-135m-instruct --batch_size 4 --repeats 3   # the pretrained model
 """
-import argparse
 import time
 
 import torch
 
+from cli import Parser, device as device_flag, positive_int
 from model import GPT, GPTConfig
 from rlhf import sequence_logprobs
 from svd_lora import inject_svd_lora, merge, set_preference
 
-p = argparse.ArgumentParser(description="Panacea benchmark: ratios measured in one run.")
-p.add_argument("--device", default="auto")
-p.add_argument("--n_layer", type=int, default=4)
-p.add_argument("--n_head", type=int, default=4)
-p.add_argument("--n_embd", type=int, default=128)
-p.add_argument("--vocab_size", type=int, default=280)
-p.add_argument("--batch_size", type=int, default=64)
-p.add_argument("--seq_len", type=int, default=64)
-p.add_argument("--repeats", type=int, default=10)
+p = Parser("Panacea benchmark: ratios measured in one run.")
+p.add_argument("--device", type=device_flag, default="auto")
+p.add_argument("--n_layer", type=positive_int, default=4)
+p.add_argument("--n_head", type=positive_int, default=4)
+p.add_argument("--n_embd", type=positive_int, default=128)
+p.add_argument("--vocab_size", type=positive_int, default=280)
+p.add_argument("--batch_size", type=positive_int, default=64)
+p.add_argument("--seq_len", type=positive_int, default=64)
+p.add_argument("--repeats", type=positive_int, default=10)
 p.add_argument("--init_from", default=None, help="a pretrained model instead: smollm2-135m-instruct or a Llama-style .gguf path")
 args = p.parse_args()
-device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+device = args.device
 torch.manual_seed(0)
 cfg = GPTConfig(block_size=max(128, 2 * args.seq_len), vocab_size=args.vocab_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
 

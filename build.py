@@ -7,11 +7,14 @@ Panacea or a baseline); train.py, evaluate.py and sample.py use these.
     load_reward_model(rm_ck, sft_ck)  one Bradley-Terry head per objective, and the heads' score statistics
     adapted_policy(...)               SFT model + Panacea's SVD-LoRA (k + m singular values, m of them lambda),
                                       or the baselines' plain low-rank adapter of the same rank
-    critic_model(...)                 PPO's critic: the reward model's trunk, its own adapter, a value head per objective
+    critic_model(...)                 PPO's critic: the reward model's trunk, its own adapter, a value head each
     policy_at(sft_ck, pol_ck, pref)   the trained policy at lambda: Panacea writes lambda into its
                                       singular values; Rewarded Soups interpolates weight changes,
                                       W(lambda) = W0 + sum_i lambda_i Delta W_i; DPS has one model per grid point
+    load_trained(out_dir)             a run's finished policy checkpoint, for sample.py
 """
+import os
+
 import torch
 
 from model import GPT, GPTConfig
@@ -44,7 +47,8 @@ def critic_model(sft_ck, rm_ck, m, conditioned, rank, alpha, device):
     and a fresh, zero-initialised, trainable value head per objective."""
     critic = GPT(GPTConfig(**sft_ck["model_args"], n_heads_out=m)).to(device)
     critic.load_state_dict({k: v for k, v in rm_ck["model"].items() if not k.startswith("value_head")}, strict=False)
-    torch.nn.init.zeros_(critic.value_head.weight), torch.nn.init.zeros_(critic.value_head.bias)
+    torch.nn.init.zeros_(critic.value_head.weight)
+    torch.nn.init.zeros_(critic.value_head.bias)
     pd = m if conditioned else 0
     inject_svd_lora(critic, rank + m - pd, pd, lora_alpha(rank, m, pd, alpha))
     critic.value_head.requires_grad_(True)
@@ -53,7 +57,7 @@ def critic_model(sft_ck, rm_ck, m, conditioned, rank, alpha, device):
 
 def trained_model(sft_ck, pol_ck, j, device):
     """Model j of a policy checkpoint (Panacea has one; RS one per objective; DPS one per grid point)."""
-    m, conditioned = len(pol_ck["objectives"]), pol_ck["fixed_prefs"][j] is None
+    m, conditioned = len(pol_ck["objectives"]), pol_ck["method"] == "panacea"
     model = adapted_policy(sft_ck, m, conditioned, pol_ck["lora_rank"], pol_ck["lora_alpha"], device)
     missing = set(model.load_state_dict(pol_ck["adapters"][j], strict=False).missing_keys)
     assert not any(".lora_" in k for k in missing), "adapter weights missing from the checkpoint"
@@ -98,6 +102,22 @@ def load_reward_model(rm_ck, sft_ck, objectives, device):
     rm.load_state_dict(rm_ck["model"])
     with torch.no_grad():
         head = torch.nn.Linear(rm.value_head.in_features, len(heads)).to(device)
-        head.weight.copy_(rm.value_head.weight[heads]), head.bias.copy_(rm.value_head.bias[heads])
+        head.weight.copy_(rm.value_head.weight[heads])
+        head.bias.copy_(rm.value_head.bias[heads])
     rm.value_head = head
     return rm.eval(), {k: v[heads].to(device) for k, v in rm_ck["stats"].items()}
+
+
+def load_trained(out_dir, device):
+    """The finished policy checkpoint OUT_DIR/panacea/ckpt.pt (self-contained: it holds its SFT base
+    under "base"); a ValueError says what to do when it is missing, unreadable or unfinished."""
+    path = os.path.join(out_dir, "panacea", "ckpt.pt")
+    if not os.path.exists(path):
+        raise ValueError(f"no trained model at {path}: run python train.py --out_dir {out_dir} first")
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read {path} ({type(e).__name__}); train again or point --out_dir elsewhere") from None
+    if not ck.get("finished"):
+        raise ValueError(f"{path} is unfinished: run python train.py --out_dir {out_dir} to complete it")
+    return ck

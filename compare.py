@@ -13,14 +13,13 @@ runs on other objectives are refused. Writes OUT.md (a markdown table), OUT.json
 numbers and the rows) and OUT.png (each row's mean front over its runs, the attainable front and
 the SFT point of its first run).
 """
-import argparse
 import glob
 import json
 import os
-import sys
 
 import numpy as np
 
+from cli import Parser, fail
 from evaluate import RM_REFERENCE, plot_fronts
 from panacea import front_metrics
 
@@ -59,8 +58,9 @@ def run_metrics(fr):
     m = len(fr["objectives"])
     rm = front_metrics(fr["rm_scores"], fr["prefs"], [RM_REFERENCE] * m)
     j = front_metrics(fr["judge_scores"], fr["prefs"], fr["reference_point"]) if "judge_scores" in fr else rm
-    row = {"hv": j["hypervolume"], "hv_ratio": j["hypervolume"] / fr["metrics"]["attainable_hypervolume"] if "judge_scores" in fr else None,
-           "inner_product": j["inner_product"], "sparsity": j["sparsity"], "spacing": j["spacing"], "rm_hv": rm["hypervolume"]}
+    ratio = j["hypervolume"] / fr["metrics"]["attainable_hypervolume"] if "judge_scores" in fr else None
+    row = {"hv": j["hypervolume"], "hv_ratio": ratio, "inner_product": j["inner_product"], "sparsity": j["sparsity"],
+           "spacing": j["spacing"], "rm_hv": rm["hypervolume"]}
     row.update({k: fr.get("cost", {}).get(k) for k in ("models", "update_steps", "seconds")})
     return row
 
@@ -73,7 +73,8 @@ def compare(groups):
         if any(fr["objectives"] != objectives for fr in fronts):
             raise ValueError(f"{label} was evaluated on other objectives than {','.join(objectives)}")
         if len({"judge_scores" in fr for g in groups for fr in g[1]}) > 1:
-            raise ValueError("some runs were scored by the world's judges and others by reward models only: compare them apart")
+            raise ValueError("some runs were scored by the world's judges and others by reward models only: "
+                             "compare them apart")
         runs = [run_metrics(fr) for fr in fronts]
         row = {"run": label, "n": len(runs), "runs": runs}
         for k, _ in COLUMNS:
@@ -94,9 +95,9 @@ def cell(row, k):
 
 
 def markdown(rows, objectives):
-    lines = [f"Objectives: {', '.join(objectives)}. Mean ± standard deviation over n runs. HV, HV / attainable and inner "
-             "product: higher is better; sparsity and spacing: lower. Runs without judges (your own data): HV and the "
-             "others from the reward models' scores.", "",
+    lines = [f"Objectives: {', '.join(objectives)}. Mean ± standard deviation over n runs. HV, HV / attainable and "
+             "inner product: higher is better; sparsity and spacing: lower. Runs without judges (your own data): HV "
+             "and the others from the reward models' scores.", "",
              "| run | n | " + " | ".join(name for _, name in COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
     for row in rows:
         lines.append(f"| {row['run']} | {row['n']} | " + " | ".join(cell(row, k) for k, _ in COLUMNS) + " |")
@@ -113,8 +114,7 @@ def mean_front(fronts):
 
 
 def main():
-    p = argparse.ArgumentParser(description="Compare the Pareto fronts of trained runs, over seeds.")
-    p.error = lambda msg: p.exit(2, f"error: {msg} (see --help)\n")  # one line, no usage dump
+    p = Parser("Compare the Pareto fronts of trained runs, over seeds.")
     p.add_argument("runs", nargs="+", help="run directories (holding front.json), front.json files, or LABEL=GLOB")
     p.add_argument("--out", default="comparison", help="output path prefix: OUT.md, OUT.json, OUT.png")
     args = p.parse_args()
@@ -122,8 +122,7 @@ def main():
         groups = [(label, [load(q) for q in paths]) for label, paths in expand(args.runs)]
         rows = compare(groups)
     except (ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail(e)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     objectives = groups[0][1][0]["objectives"]
     table = markdown(rows, objectives)
@@ -131,7 +130,8 @@ def main():
         f.write(table)
     with open(args.out + ".json", "w") as f:
         json.dump({"objectives": objectives, "rows": rows}, f, indent=1)
-    plot_fronts([(label + (f" (mean of {len(fr)})" if len(fr) > 1 else ""), mean_front(fr)) for label, fr in groups], args.out + ".png")
+    plot_fronts([(label + (f" (mean of {len(fr)})" if len(fr) > 1 else ""), mean_front(fr)) for label, fr in groups],
+                args.out + ".png")
     print(table)
     print(f"wrote {args.out}.md, {args.out}.json, {args.out}.png")
 

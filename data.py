@@ -3,12 +3,14 @@ Where the text comes from: the embedded world or your own JSONL files; and the t
 
 A source gives train.py, evaluate.py and sample.py everything that depends on the data:
     objectives               the objectives its pairs label, in file order (world: helpful, harmless, concise)
+    default_objectives       those trained on without --objectives (world: helpful, harmless; your data: all)
     sft_records()            [{"prompt", "response"}]   (sft_tensors: tokenised, in the model's chat template)
     pair_records(split)      [{"prompt", "response_0", "response_1", "winners": {objective: 0, 1 or -1 (a tie)}}]
                              (pair_tensors: tokenised; samples longer than the model's block_size left out)
     prompts(split)           distinct prompt texts: "train" for PPO, "eval" (held out) for the front
     judge                    None, or judge(prompts, responses, objectives) -> (B, m) ground-truth scores
                              (the world's; a response None is unfinished and scores as malformed)
+    well_formed              None, or well_formed(text) -> whether a response follows the world's grammar
     digest()                 a hash of the files: a stage trained on other data is not reused
 
 Your own data (--data_dir DIR), one JSON object per line:
@@ -20,10 +22,14 @@ Your own data (--data_dir DIR), one JSON object per line:
                              first objective)
 A missing field, a winner other than 0, 1 or -1 or an empty file stops with one line naming file and line.
 
-Tokenizers (tokenizer(spec); the spec is stored in every checkpoint):
-    {"gguf": name_or_path}   a pretrained model's own (tokenizer.GGUFTokenizer), chat template ChatML
-    {"gpt2_ids": ids}        GPT-2's BPE on a dense list of its ids: the world's few hundred tokens, or
-                             "all" 50,257 (real text, from-scratch GPT); chat template "User: ...\\nAssistant:"
+    tokenizer_spec()         the tokenizer a from-scratch GPT reads (tokenizer.py): the world's few hundred
+                             GPT-2 tokens, or all of GPT-2's for your own text
+    limits(objectives, ...)  the world's limits (attainable front, its LS points, the hypervolume reference
+                             point); None for your own data
+
+Records become tensors in the layout every training stage reads (rlhf.py's docstring):
+    tokens (N, T) = prompt (in the model's chat template) + response + <|endoftext|>, right-padded;
+    prompt_len (N,), seq_len (N,). Pairs: rows < N hold response_0, rows >= N response_1.
 """
 import functools
 import hashlib
@@ -33,8 +39,9 @@ import zlib
 
 import torch
 
+import tokenizer
 import world
-from rlhf import encode_pairs, encode_samples
+from panacea import hypervolume
 
 PKU_FIELDS = {"better_response_id": "helpful", "safer_response_id": "harmless"}
 WINNER = "_winner"
@@ -86,7 +93,8 @@ def read_pairs(path, objectives=None):
         fields = winner_fields(rec)
         missing = [o for o in objectives if o not in fields]
         if missing:
-            raise ValueError(f"{path} line {i} lacks {', '.join(o + WINNER for o in missing)} (the objectives are {', '.join(objectives)})")
+            raise ValueError(f"{path} line {i} lacks {', '.join(o + WINNER for o in missing)} "
+                             f"(the objectives are {', '.join(objectives)})")
         winners = {}
         for o in objectives:
             w = rec[fields[o]]
@@ -102,14 +110,16 @@ def read_pairs(path, objectives=None):
 
 class Source:
     """Data read from JSONL files: paths {"sft", "pairs", "pairs_eval"}, each None where absent."""
-    judge = None
+    judge = None  # no ground truth: the front is measured with the reward models
+    well_formed = None  # no grammar to check responses against
 
     def __init__(self, paths, describe):
         self.paths, self.describe = paths, describe
-        self.objectives = self._read("pairs")[0]
+        self.objectives = self.default_objectives = self._read("pairs")[0]
         if len(self.objectives) < 2:
-            raise ValueError(f"{paths['pairs']} labels {len(self.objectives)} objective(s) ({', '.join(self.objectives) or 'none'}); "
-                             f"Panacea needs 2 or more <objective>_winner fields")
+            raise ValueError(f"{paths['pairs']} labels {len(self.objectives)} objective(s) "
+                             f"({', '.join(self.objectives) or 'none'}); Panacea needs 2 or more "
+                             "<objective>_winner fields")
 
     @functools.lru_cache(maxsize=None)
     def _read(self, name):
@@ -125,7 +135,7 @@ class Source:
     def sft_records(self):
         if self.paths["sft"] is not None:
             recs = read_jsonl(self.paths["sft"], ["prompt", "response"])
-            bad = next((i for i, r in recs if not (isinstance(r["prompt"], str) and isinstance(r["response"], str))), None)
+            bad = next((i for i, r in recs if not all(isinstance(r[k], str) for k in ("prompt", "response"))), None)
             if bad is not None:
                 raise ValueError(f"{self.paths['sft']} line {bad}: prompt and response must be strings")
             return [r for _, r in recs]
@@ -135,6 +145,12 @@ class Source:
 
     def prompts(self, split):
         return list(dict.fromkeys(r["prompt"] for r in self.pair_records(split)))
+
+    def tokenizer_spec(self):
+        return {"gpt2_ids": "all"}  # real text: GPT-2's whole BPE
+
+    def limits(self, objectives, grid, standard):
+        return None  # no judges, so no limits known
 
     def digest(self):
         h = hashlib.sha256()
@@ -150,7 +166,8 @@ def own_data(data_dir):
     paths = {n: os.path.join(data_dir, n + ".jsonl") for n in ("sft", "pairs", "pairs_eval")}
     if not os.path.exists(paths["pairs"]):
         raise ValueError(f"{paths['pairs']} does not exist: --data_dir needs pairs.jsonl (see data.py)")
-    src = Source({n: p if n == "pairs" or os.path.exists(p) else None for n, p in paths.items()}, f"your data in {data_dir}")
+    present = {n: p if n == "pairs" or os.path.exists(p) else None for n, p in paths.items()}
+    src = Source(present, f"your data in {data_dir}")
     for split in ("train", "eval"):
         if not src.pair_records(split):
             raise ValueError(f"{paths['pairs']}: no {split} pairs left after the held-out split; add pairs_eval.jsonl")
@@ -167,20 +184,75 @@ class World(Source):
                  "pairs_eval": f"pairs_eval-n{n_eval}-seed{seed}"}
         paths = {k: os.path.join(data_dir, v + ".jsonl") for k, v in paths.items()}
         if write:  # (under DDP rank 0 writes, the others wait and read)
-            for name, make in (("sft", lambda: world.sft_corpus(n_sft, seed)),
-                               ("pairs", lambda: world.preference_pairs(n_pairs, "train", label_temperature, seed=seed)),
-                               ("pairs_eval", lambda: world.preference_pairs(n_eval, "eval", 0.0, seed=seed))):
+            for name, make in (
+                    ("sft", lambda: world.sft_corpus(n_sft, seed)),
+                    ("pairs", lambda: world.preference_pairs(n_pairs, "train", label_temperature, seed=seed)),
+                    ("pairs_eval", lambda: world.preference_pairs(n_eval, "eval", 0.0, seed=seed))):
                 if not os.path.exists(paths[name]):
                     world.write_jsonl(paths[name], make())
         self.paths, self.describe, self.objectives = paths, "the embedded world", list(world.OBJECTIVES)
+        self.default_objectives = ["helpful", "harmless"]
 
     def prompts(self, split):
         return [p for _, p in world.prompts(split, self.seed)]
 
     @staticmethod
+    def well_formed(text):
+        return world.parse(text) is not None
+
+    @staticmethod
     def judge(prompts, responses, objectives):
         return torch.tensor([world.judge_text(world.task_of(p), r, objectives) if r is not None
                              else [world.MALFORMED] * len(objectives) for p, r in zip(prompts, responses)])
+
+    @staticmethod
+    def tokenizer_spec():
+        """The GPT-2 tokens of every text the world can produce, its prompts in the chat template."""
+        prompts, responses = world.world_texts()
+        return {"gpt2_ids": tokenizer.gpt2_ids([tokenizer.gpt2_chat(p) for p in prompts] + responses)}
+
+    def limits(self, objectives, grid, standard):
+        """What no policy can exceed on the held-out prompts: the attainable front and its hypervolume
+        against the world's fixed reference point (set by the `standard` lambda grid), and the LS
+        points of the attainable front on `grid` and on `standard`."""
+        ref = world.reference_point(objectives, standard, seed=self.seed)
+        attainable = world.attainable_front(objectives, seed=self.seed, cache_dir=os.path.dirname(self.paths["pairs"]))
+        return {"reference_point": ref, "attainable_front": attainable,
+                "attainable_hypervolume": hypervolume(attainable, ref),
+                "ls_points": world.ls_front(objectives, grid, seed=self.seed),
+                "ls_hypervolume": hypervolume(world.ls_front(objectives, standard, seed=self.seed), ref)}
+
+
+# ---------------------------------------------------------------------------------------------- records -> tensors
+def pack(seqs, pad):
+    """List of token lists -> (B, T) right-padded LongTensor and lengths (B,)."""
+    T = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), T), pad, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out, torch.tensor([len(s) for s in seqs])
+
+
+def encode_samples(tok, prompts, responses):
+    """Tokenise (rendered prompt, response) texts into the layout above: tokens, prompt_len, seq_len."""
+    p_ids = [tok.encode(p) for p in prompts]
+    seqs = [p + tok.encode(r) + [tok.eot] for p, r in zip(p_ids, responses)]
+    tokens, seq_len = pack(seqs, tok.eot)
+    return tokens, torch.tensor([len(p) for p in p_ids]), seq_len
+
+
+def encode_pairs(tok, prompts, responses_0, responses_1, winners):
+    """Preference pairs (rendered prompts, both responses, winners (N, m): 0, 1 or -1 for no
+    preference) -> (tokens (2N, T), prompt_len, seq_len, winners); rows < N hold response_0, rows >= N response_1."""
+    return (*encode_samples(tok, list(prompts) * 2, list(responses_0) + list(responses_1)), torch.as_tensor(winners))
+
+
+def pair_batch(pairs, ix, device):
+    """Pairs ix of encode_pairs' output, both responses, trimmed to the longest row, on device."""
+    tokens, plen, slen, winners = pairs
+    rows = torch.cat([ix, ix + winners.size(0)])
+    T = int(slen[rows].max())
+    return tokens[rows, :T].to(device), plen[rows].to(device), slen[rows].to(device), winners[ix].to(device)
 
 
 def fitting(tokens, plen, slen, n_rows, block_size):
@@ -188,29 +260,25 @@ def fitting(tokens, plen, slen, n_rows, block_size):
     fits = (slen <= block_size).view(-1, n_rows).all(0)
     if not fits.any():
         raise ValueError(f"no sample fits in --block_size {block_size} tokens")
-    rows = torch.arange(len(slen)).view(-1, n_rows)[:, fits].flatten()  # pairs: kept response_0 rows, then response_1 rows
+    rows = torch.arange(len(slen)).view(-1, n_rows)[:, fits].flatten()  # pairs: kept response_0 rows, then response_1's
     return (tokens[rows, : int(slen[rows].max())], plen[rows], slen[rows]), fits, int((~fits).sum())
 
 
 def sft_tensors(source, tok, block_size):
     """(tokens, prompt_len, seq_len) of the SFT corpus, each prompt in tok's chat template; how many were too long."""
     recs = source.sft_records()
-    out, _, dropped = fitting(*encode_samples(tok, [tok.chat(r["prompt"]) for r in recs], [r["response"] for r in recs]), len(recs), block_size)
+    seqs = encode_samples(tok, [tok.chat(r["prompt"]) for r in recs], [r["response"] for r in recs])
+    out, _, dropped = fitting(*seqs, len(recs), block_size)
     return out, dropped
 
 
 def pair_tensors(source, tok, split, objectives, block_size):
-    """rlhf.encode_pairs' tensors of the source's split ("train" or "eval"), winners of `objectives`; how many were too long."""
+    """encode_pairs' tensors of the source's split ("train" or "eval"), the winners of `objectives`; how many
+    were too long."""
     recs = source.pair_records(split)
     *seqs, winners = encode_pairs(tok, [tok.chat(r["prompt"]) for r in recs], [r["response_0"] for r in recs],
-                                  [r["response_1"] for r in recs], [[r["winners"][o] for o in objectives] for r in recs])
+                                  [r["response_1"] for r in recs],
+                                  [[r["winners"][o] for o in objectives] for r in recs])
     out, fits, dropped = fitting(*seqs, len(recs), block_size)
     return (*out, winners[fits]), dropped
 
-
-def tokenizer(spec):
-    """The tokenizer a checkpoint was trained with (see the module docstring)."""
-    if "gguf" in spec:
-        from tokenizer import GGUFTokenizer
-        return GGUFTokenizer(spec["gguf"])
-    return world.Tokenizer(range(50257) if spec["gpt2_ids"] == "all" else spec["gpt2_ids"])

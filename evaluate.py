@@ -1,126 +1,132 @@
 """
 The Pareto front of a trained policy on held-out prompts, and its plots (train.py, compare.py).
 
-    evaluate(...)                     for every lambda of the grid: responses to the source's held-out
-                                      prompts (fixed seed, greedy by default) -> mean scores xi(lambda),
-                                      by the source's judges (the world) and by the reward models; plus
-                                      the SFT point and the Pareto metrics. On the world also the
-                                      attainable front, its LS points and the reference point. Data
-                                      without judges (your own) is measured with the reward models
-                                      alone, as in the paper, and the front says so ("scored_by").
-    write_front(front, out_dir)       front.json and pareto.png
-    plot_fronts([(label, front)], path)   m = 2: one panel; m >= 3: pairwise projections + a 3-D view
+    measure(...)        for every lambda of the grid, and for the SFT model: responses to the held-out
+                        prompts (fixed seed, greedy by default), scored by the source's judges (the
+                        world's) and by the reward models -> per-lambda sums of the scores
+    record(...)         the front.json record: the mean point xi(lambda) per lambda, the SFT point, the
+                        Pareto metrics; where the source knows its limits (the world) also the attainable
+                        front, its LS points, the fixed reference point and the hypervolume ratio. Data
+                        without judges (your own) is measured with the reward models alone, as in the
+                        paper, and the front says so ("scored_by").
+    print_front, write_front(front, out_dir)   the table, front.json and pareto.png
+    plot_fronts([(label, front)], path)        m = 2: one panel; m >= 3: pairwise projections + a 3-D view
 """
 import json
 import math
 import os
 
 import torch
+import torch.distributed as dist
 
-import world
 from build import load_gpt, load_reward_model, policy_at
-from data import tokenizer
-from panacea import front_metrics, hypervolume, pref_grid
-from rlhf import last_token_values, rollout
+from panacea import front_metrics, hypervolume
+from rlhf import rollout, standardised_scores
+from tokenizer import load as load_tokenizer
 
 RM_REFERENCE = -2.0  # reward-model hypervolume reference: 2 SFT standard deviations below the SFT mean
 MAX_STORED = 5000  # attainable-front points kept in front.json
+CHUNK = 512  # (lambda, prompt) rows generated in one batch
 
 
 @torch.no_grad()
 def score(model, tok, prompts, prefs, rm, stats, judge, objectives, temperature, max_new_tokens):
     """Responses to prompt texts under prefs (N, m) or None -> (judge (N, m) scores, or the rm ones
-    where there are no judges; rm (N, m) scores, standardised, an unfinished response getting the
-    SFT samples' lowest score as in PPO; the texts)."""
+    where there are no judges; rm (N, m) scores, standardised as in PPO)."""
     tokens, _, slen, texts = rollout(model, tok, [tok.chat(p) for p in prompts], prefs, max_new_tokens, temperature)
-    r = (last_token_values(rm, tokens, slen).float() - stats["mean"]) / stats["std"]
-    finished = torch.tensor([t is not None for t in texts], device=r.device)
-    r = torch.where(finished[:, None], r, (stats["min"] - stats["mean"]) / stats["std"])
-    return (judge(prompts, texts, objectives).to(r.device) if judge is not None else r), r, texts
+    finished = torch.tensor([t is not None for t in texts], device=tokens.device)
+    r = standardised_scores(rm, tokens, slen, finished, stats)
+    return (judge(prompts, texts, objectives).to(r.device) if judge is not None else r), r
 
 
-def evaluate(sft_ck, rm_ck, pol_ck, config, device, source, rank=0, world_size=1, autocast=None):
-    """The front of a trained policy checkpoint on source's held-out prompts (your data: the first
-    config["eval_prompts"]). Every process scores its share of the (lambda, prompt) rows; sums are
-    all-reduced. Returns the front.json record."""
-    import torch.distributed as dist
-    objectives, m = pol_ck["objectives"], len(pol_ck["objectives"])
-    divisions = config.get("eval_divisions") or (10 if m == 2 else 4)
-    standard = pref_grid(m, divisions)
-    grid = pol_ck["fixed_prefs"] if pol_ck["method"] == "dps" else standard
-    tok = tokenizer(sft_ck["tokenizer"])
+@torch.no_grad()
+def measure(sft_ck, rm_ck, pol_ck, grid, prompts, judge, temperature, max_new_tokens, seed, device, rank=0,
+            world_size=1):
+    """Sums over the held-out prompts, per lambda of the grid and for the SFT model (the last row):
+    {"judge", "judge_sq", "rm"}: (G+1, m) sums of the judge scores (the rm's where judge is None),
+    their squares and the rm scores, "n": (G+1,) counts. Every process scores its share of the
+    (lambda, prompt) rows; the sums are all-reduced."""
+    objectives = pol_ck["objectives"]
+    tok = load_tokenizer(sft_ck["tokenizer"])
     rm, stats = load_reward_model(rm_ck, sft_ck, objectives, device)
-    prompts = source.prompts("eval")  # the world's front: all its held-out prompts, as its attainable front
-    prompts = prompts if source.judge is not None else prompts[: config.get("eval_prompts") or None]
-    args = (rm, stats, source.judge, objectives, config["eval_temperature"], config["max_new_tokens"])
-    ctx = autocast if autocast is not None else torch.autocast("cpu", enabled=False)
-    # per grid point (and the SFT point last): sums of (judge) scores, their squares, rm scores, count
-    sums = torch.zeros(len(grid) + 1, 3 * m + 1, device=device)
+    sums = {k: torch.zeros(len(grid) + 1, len(objectives), device=device) for k in ("judge", "judge_sq", "rm")}
+    sums["n"] = torch.zeros(len(grid) + 1, device=device)
+    args = (rm, stats, judge, objectives, temperature, max_new_tokens)
 
-    def add(j, judge, r):
-        sums[j] += torch.cat([judge.sum(0), (judge ** 2).sum(0), r.sum(0), torch.tensor([len(judge)], device=device)])
+    def add(j, judged, r):
+        sums["judge"][j] += judged.sum(0)
+        sums["judge_sq"][j] += (judged ** 2).sum(0)
+        sums["rm"][j] += r.sum(0)
+        sums["n"][j] += len(judged)
 
-    torch.manual_seed(config["seed"])
-    with ctx:
-        if pol_ck["method"] == "panacea":  # one model, one preference per row: every lambda in one batch
-            model, _ = policy_at(sft_ck, pol_ck, grid[0], device)
-            rows = [(j, p) for j in range(len(grid)) for p in prompts][rank::world_size]
-            for chunk in range(0, len(rows), 512):
-                part = rows[chunk: chunk + 512]
-                prefs = torch.tensor([grid[j] for j, _ in part], device=device)
-                judge, r, _ = score(model, tok, [p for _, p in part], prefs, *args)
-                for j in set(j for j, _ in part):
-                    sel = torch.tensor([jj == j for jj, _ in part], device=device)
-                    add(j, judge[sel], r[sel])
-        else:
-            for j, pref in enumerate(grid):
-                model, _ = policy_at(sft_ck, pol_ck, pref, device)
-                add(j, *score(model, tok, prompts[rank::world_size], None, *args)[:2])
-        add(len(grid), *score(load_gpt(sft_ck, device).eval(), tok, prompts[rank::world_size], None, *args)[:2])
+    torch.manual_seed(seed)
+    if pol_ck["method"] == "panacea":  # one model, one preference per row: every lambda in one batch
+        model, _ = policy_at(sft_ck, pol_ck, grid[0], device)
+        rows = [(j, p) for j in range(len(grid)) for p in prompts][rank::world_size]
+        for chunk in range(0, len(rows), CHUNK):
+            part = rows[chunk: chunk + CHUNK]
+            prefs = torch.tensor([grid[j] for j, _ in part], device=device)  # (rows, m)
+            judged, r = score(model, tok, [p for _, p in part], prefs, *args)
+            for j in set(j for j, _ in part):
+                sel = torch.tensor([jj == j for jj, _ in part], device=device)
+                add(j, judged[sel], r[sel])
+    else:  # a baseline: one model per lambda
+        for j, pref in enumerate(grid):
+            model, _ = policy_at(sft_ck, pol_ck, pref, device)
+            add(j, *score(model, tok, prompts[rank::world_size], None, *args))
+    add(len(grid), *score(load_gpt(sft_ck, device).eval(), tok, prompts[rank::world_size], None, *args))
     if world_size > 1:
-        dist.all_reduce(sums)
-    sums = sums.cpu().double()
-    n = sums[:, -1:]
-    mean, sq, rm_mean = sums[:, :m] / n, sums[:, m: 2 * m] / n, sums[:, 2 * m: 3 * m] / n
-    stderr = ((sq - mean ** 2).clamp_min(0) / (n - 1).clamp_min(1)).sqrt()
+        for t in sums.values():
+            dist.all_reduce(t)
+    return {k: v.cpu().double() for k, v in sums.items()}
+
+
+def record(sums, grid, pol_ck, limits, n_prompts):
+    """The front.json record of measured sums: the learned points (judge and rm), the SFT point, the
+    metrics and the cost; with the source's limits (None for your own data) the attainable front,
+    its LS points, the reference point and the hypervolume ratio."""
+    objectives, m = pol_ck["objectives"], len(pol_ck["objectives"])
+    n = sums["n"][:, None]
+    mean, rm_mean = sums["judge"] / n, sums["rm"] / n
+    stderr = ((sums["judge_sq"] / n - mean ** 2).clamp_min(0) / (n - 1).clamp_min(1)).sqrt()
     rm_pts = rm_mean[:-1].tolist()
-    front = {"objectives": objectives, "prefs": grid, "n_prompts": len(prompts), "rm_scores": rm_pts,
+    front = {"objectives": objectives, "prefs": grid, "n_prompts": n_prompts, "rm_scores": rm_pts,
              "sft_rm_scores": rm_mean[-1].tolist(), "cost": {"models": len(pol_ck["fixed_prefs"]),
              "update_steps": pol_ck["update_steps"], "seconds": round(pol_ck["seconds"], 1)}}
     rm_metrics = front_metrics(rm_pts, grid, [RM_REFERENCE] * m)
-    if source.judge is None:
+    if limits is None:
         rm_metrics["mean_stderr"] = float(stderr[:-1].mean())
         return dict(front, scored_by="reward models (the data has no judges)", metrics={"rm": rm_metrics})
-    judge_pts, sft_pt = mean[:-1].tolist(), mean[-1].tolist()
-    ref = world.reference_point(objectives, standard, seed=config["seed"])
-    attainable = world.attainable_front(objectives, seed=config["seed"], cache_dir=os.path.dirname(source.paths["pairs"]))
-    attainable_hv = hypervolume(attainable, ref)
+    judge_pts, sft_pt, ref = mean[:-1].tolist(), mean[-1].tolist(), limits["reference_point"]
     jm = front_metrics(judge_pts, grid, ref)
     jm["mean_stderr"] = float(stderr[:-1].mean())
     if m == 2:  # largest move against lambda along the grid (lambda_1 ascending: objective 1 up, 2 down)
         d = [(b[0] - a[0], a[1] - b[1]) for a, b in zip(judge_pts, judge_pts[1:])]
         jm["max_reversal"] = max(0.0, -min(min(x) for x in d))
     # the front is stored whole up to MAX_STORED points (m = 2: a few hundred), else evenly thinned
+    attainable = limits["attainable_front"]
     keep = attainable[:: math.ceil(len(attainable) / MAX_STORED)]
     return dict(
         front, scored_by="the world's judges", judge_scores=judge_pts, sft_judge_scores=sft_pt,
-        ls_judge_scores=world.ls_front(objectives, grid, seed=config["seed"]), attainable_front=keep.round(6).tolist(),
-        reference_point=ref,
-        metrics={"judge": jm, "rm": rm_metrics, "attainable_hypervolume": attainable_hv, "attainable_points": len(attainable),
-                 "hypervolume_ratio": jm["hypervolume"] / attainable_hv,
-                 "ls_hypervolume": hypervolume(world.ls_front(objectives, standard, seed=config["seed"]), ref),
-                 "sft_hypervolume": hypervolume([sft_pt], ref)})
+        ls_judge_scores=limits["ls_points"], attainable_front=keep.round(6).tolist(), reference_point=ref,
+        metrics={"judge": jm, "rm": rm_metrics, "attainable_hypervolume": limits["attainable_hypervolume"],
+                 "attainable_points": len(attainable),
+                 "hypervolume_ratio": jm["hypervolume"] / limits["attainable_hypervolume"],
+                 "ls_hypervolume": limits["ls_hypervolume"], "sft_hypervolume": hypervolume([sft_pt], ref)})
 
 
 def points(front):
     """The scores a front is drawn and compared with: the judges', or else the reward models'."""
-    return (front["judge_scores"], front["sft_judge_scores"]) if "judge_scores" in front else (front["rm_scores"], front["sft_rm_scores"])
+    if "judge_scores" in front:
+        return front["judge_scores"], front["sft_judge_scores"]
+    return front["rm_scores"], front["sft_rm_scores"]
 
 
 def print_front(front):
     objs, (pts, sft) = front["objectives"], points(front)
     world_front = "judge_scores" in front
-    print("lambda".ljust(22) + "".join(f"{o:>10}" for o in objs) + f"   (scored by {front['scored_by']} on {front['n_prompts']} held-out prompts"
+    print("lambda".ljust(22) + "".join(f"{o:>10}" for o in objs)
+          + f"   (scored by {front['scored_by']} on {front['n_prompts']} held-out prompts"
           + ("; the attainable front's LS point in brackets)" if world_front else "; standardised scores)"))
     for k, (pref, pt) in enumerate(zip(front["prefs"], pts)):
         ls = "   [" + ", ".join(f"{x:.3f}" for x in front["ls_judge_scores"][k]) + "]" if world_front else ""
@@ -129,12 +135,14 @@ def print_front(front):
     mt = front["metrics"]
     if world_front:
         print(f"hypervolume {mt['judge']['hypervolume']:.4f} (attainable {mt['attainable_hypervolume']:.4f}, "
-              f"ratio {mt['hypervolume_ratio']:.3f}; LS points {mt['ls_hypervolume']:.4f}; sft point {mt['sft_hypervolume']:.4f}), "
+              f"ratio {mt['hypervolume_ratio']:.3f}; LS points {mt['ls_hypervolume']:.4f}; "
+              f"sft point {mt['sft_hypervolume']:.4f}), "
               f"inner product {mt['judge']['inner_product']:.3f}, sparsity {mt['judge']['sparsity']:.4f}, "
               f"spacing {mt['judge']['spacing']:.4f}, mean stderr {mt['judge']['mean_stderr']:.3f}")
     else:
         print(f"reward-model hypervolume {mt['rm']['hypervolume']:.4f} (reference {RM_REFERENCE} per objective), "
-              f"inner product {mt['rm']['inner_product']:.3f}, sparsity {mt['rm']['sparsity']:.4f}, mean stderr {mt['rm']['mean_stderr']:.3f}")
+              f"inner product {mt['rm']['inner_product']:.3f}, sparsity {mt['rm']['sparsity']:.4f}, "
+              f"mean stderr {mt['rm']['mean_stderr']:.3f}")
 
 
 def write_front(front, out_dir, label):
@@ -164,9 +172,11 @@ def plot_fronts(runs, path):
             att = first["attainable_front"]
             if m == 2:  # the attainable front is a staircase of many points; LS picks some of them
                 att = sorted(att)
-                ax.step([p[a] for p in att], [p[b] for p in att], "k-", where="pre", lw=0.8, alpha=0.6, label="attainable front")
+                ax.step([p[a] for p in att], [p[b] for p in att], "k-", where="pre", lw=0.8, alpha=0.6,
+                        label="attainable front")
             else:
-                ax.plot([p[a] for p in att], [p[b] for p in att], ".", color="0.8", ms=1, label="attainable front (projected)")
+                ax.plot([p[a] for p in att], [p[b] for p in att], ".", color="0.8", ms=1,
+                        label="attainable front (projected)")
             ls = first["ls_judge_scores"]
             ax.plot([p[a] for p in ls], [p[b] for p in ls], "kx", ms=6, alpha=0.7, label="its LS points")
         for label, fr in runs:
@@ -177,14 +187,15 @@ def plot_fronts(runs, path):
                     ax.annotate(",".join(f"{x:.2g}" for x in pref), (pt[a], pt[b]), fontsize=6, alpha=0.7)
         s = points(first)[1]
         ax.plot([s[a]], [s[b]], "r*", ms=12, label="SFT")
-        ax.set_xlabel(objs[a]), ax.set_ylabel(objs[b]), ax.grid(alpha=0.3)
+        ax.set(xlabel=objs[a], ylabel=objs[b])
+        ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     if m >= 3:
         ax = fig.add_subplot(math.ceil(n / 2), min(n, 2), n, projection="3d")
         extra = [("LS points of the attainable front", first["ls_judge_scores"])] if judged else []
         for label, pts in extra + [(label, points(fr)[0]) for label, fr in runs]:
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts], s=12, label=label)
-        ax.set_xlabel(objs[0]), ax.set_ylabel(objs[1]), ax.set_zlabel(objs[2])
+        ax.set(xlabel=objs[0], ylabel=objs[1], zlabel=objs[2])
         ax.legend(fontsize=7)
     fig.suptitle(f"Pareto front on held-out prompts (scored by {first.get('scored_by', 'the judges')})")
     fig.tight_layout()

@@ -6,11 +6,11 @@ The preference side of Panacea: preference vectors, aggregation functions and Pa
     aggregate(J, lambda, method)           g_lambda(J): LS, Tchebycheff or smooth Tchebycheff (maximised)
     aggregation_weights(J, lambda, ...)    dg/dJ_i, the weight each objective's gradient receives
     pref_grid(m, divisions)                evaluation grid: m = 2 -> 11 points, m >= 3 -> simplex lattice
+    fixed_prefs(method, m)                 the fixed lambda of each model a baseline trains (Panacea: None)
     pareto_front, hypervolume, inner_product, sparsity, spacing   (maximisation everywhere)
 """
 import bisect
 import math
-from itertools import combinations
 
 import numpy as np
 import torch
@@ -23,7 +23,8 @@ def parse_pref(text, objectives):
     try:
         vals = [float(v) for v in text.split(",")]
     except ValueError:
-        raise ValueError(f"--pref takes {len(objectives)} comma-separated numbers, one per objective ({names}); got {text!r}") from None
+        raise ValueError(f"--pref takes {len(objectives)} comma-separated numbers, one per objective ({names}); "
+                         f"got {text!r}") from None
     if len(vals) != len(objectives):
         raise ValueError(f"--pref needs {len(objectives)} values, one per objective ({names}); got {len(vals)}")
     if not all(math.isfinite(v) for v in vals) or any(v < 0 for v in vals):
@@ -74,9 +75,6 @@ def pref_grid(m, divisions=10):
     return sorted(grid)
 
 
-# ----------------------------------------------------------------------------------------------
-# Pareto metrics (points: (N, m) array of mean scores, larger is better)
-
 def fixed_prefs(method, m, dps_points=5):
     """The fixed lambda of each model a method trains: Panacea one conditioned model (None), Rewarded
     Soups one per objective (one-hot), DPS one per point of a grid (m >= 3: the smallest simplex
@@ -85,8 +83,13 @@ def fixed_prefs(method, m, dps_points=5):
         return [None]
     if method == "rs":
         return torch.eye(m).tolist()
-    return pref_grid(m, dps_points - 1 if m == 2 else next(d for d in range(1, 100) if len(pref_grid(m, d)) >= dps_points))
+    if m == 2:
+        return pref_grid(2, dps_points - 1)
+    return pref_grid(m, next(d for d in range(1, 100) if len(pref_grid(m, d)) >= dps_points))
 
+
+# ----------------------------------------------------------------------------------------------
+# Pareto metrics (points: (N, m) array of mean scores, larger is better)
 
 def pareto_front(points):
     """The distinct points that no other point dominates (>= everywhere, > somewhere), (K, m),
@@ -196,8 +199,3 @@ def spacing(points):
 def front_metrics(points, prefs, ref):
     return {"hypervolume": hypervolume(points, ref), "inner_product": inner_product(points, prefs),
             "sparsity": sparsity(points), "spacing": spacing(points)}
-
-
-def projections(m):
-    """Pairs of objective indices for pairwise plots of an m-objective front."""
-    return list(combinations(range(m), 2))

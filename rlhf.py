@@ -1,16 +1,16 @@
 """
 RLHF for Panacea: rollouts, multi-objective PPO with a preference-conditioned critic, the
-Bradley-Terry reward-model loss and DPO.
+Bradley-Terry reward-model loss and DPO. train.py runs the loops; this file holds their steps.
 
-Sequence layout (one row per sample, right-padded with <|endoftext|>):
-    tokens (B, T) = prompt (P_b tokens) + response (R_b tokens, the last one <|endoftext|>) + padding
+Sequence layout (one row per sample, right-padded with the end token <|endoftext|>):
+    tokens (B, T) = prompt (P_b tokens) + response (R_b tokens, the last one the end token) + padding
     log-probs, values, rewards and the response mask live on the T-1 "actions":
     position t predicts tokens[:, t+1]; the response's actions are t = P_b-1 .. P_b+R_b-2.
 
 Prompts arrive as text already rendered by the model's chat template (tok.chat): nothing here
 knows where they come from, and judging the responses is the caller's business.
 
-One PPO iteration (ppo_iteration = collect -> advantages -> update), with lambda fixed per sequence:
+One PPO iteration, with lambda fixed per sequence (train.py: collect -> advantages -> update):
     collect     1. rollout: generate a response per prompt under its own lambda
                 2. score: old log-probs (policy), reference log-probs (same model, adapters off),
                    values (critic, one head per objective), standardised reward-model scores
@@ -20,11 +20,14 @@ One PPO iteration (ppo_iteration = collect -> advantages -> update), with lambda
                    on the active objective, chosen from the critic's estimates of J_i at the first response
                    token, averaged over the sequences that share lambda)
     update      6. a few epochs of clipped policy loss + clipped value loss on minibatches
+One Panacea-DPO step (dpo_update): reference log-ratios once, then epochs of minibatches of the
+aggregated per-objective DPO losses.
 Log-probs are computed from the first response position on: a pretrained model's LM head (49k
 tokens) is a fifth of its weights, and the prompt's log-probs are never used.
 """
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,35 +37,30 @@ from panacea import aggregation_weights
 from svd_lora import disable_adapters, preference_dim, set_preference
 
 
-def pack(seqs, pad):
-    """List of token lists -> (B, T) right-padded LongTensor and lengths (B,)."""
-    T = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), T), pad, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return out, torch.tensor([len(s) for s in seqs])
+@dataclass
+class PPOConfig:
+    max_new_tokens: int = 60  # response length cap of the rollouts
+    temperature: float = 1.0  # rollout sampling temperature
+    kl_coef: float = 0.05  # beta: the per-token KL penalty folded into every objective's reward
+    gae_lambda: float = 0.95  # GAE's lambda (gamma = 1)
+    agg: str = "ls"  # aggregation of the objectives: "ls" (linear scalarisation) or "tche" (Tchebycheff)
+    tche_mu: float = 0.0  # > 0: smooth Tchebycheff with this temperature
+    epochs: int = 2  # passes over each iteration's rollouts
+    minibatch_size: int = 32  # sequences per gradient step
+    clip: float = 0.2  # epsilon of the clipped ratio pi / pi_old
+    clip_value: float = 0.2  # how far a value may move from its rollout-time estimate before the loss is clipped
+    vf_coef: float = 0.5  # weight of the value loss
+    grad_clip: float = 1.0  # gradient-norm clip
 
 
-def encode_samples(tok, prompts, responses):
-    """Tokenise (rendered prompt, response) texts into the layout above: tokens, prompt_len, seq_len."""
-    p_ids = [tok.encode(p) for p in prompts]
-    seqs = [p + tok.encode(r) + [tok.eot] for p, r in zip(p_ids, responses)]
-    tokens, seq_len = pack(seqs, tok.eot)
-    return tokens, torch.tensor([len(p) for p in p_ids]), seq_len
-
-
-def encode_pairs(tok, prompts, responses_0, responses_1, winners):
-    """Preference pairs (rendered prompts, both responses, winners (N, m): 0, 1 or -1 for no
-    preference) -> (tokens (2N, T), prompt_len, seq_len, winners); rows < N hold response_0, rows >= N response_1."""
-    return (*encode_samples(tok, list(prompts) * 2, list(responses_0) + list(responses_1)), torch.as_tensor(winners))
-
-
-def pair_batch(pairs, ix, device):
-    """Pairs ix of encode_pairs' output, both responses, trimmed to the longest row, on device."""
-    tokens, plen, slen, winners = pairs
-    rows = torch.cat([ix, ix + winners.size(0)])
-    T = int(slen[rows].max())
-    return tokens[rows, :T].to(device), plen[rows].to(device), slen[rows].to(device), winners[ix].to(device)
+@dataclass
+class DPOConfig:
+    dpo_beta: float = 0.5  # beta of -log sigmoid(beta (h_w - h_l)), h = log pi / pi_ref
+    agg: str = "ls"  # aggregation of the per-objective losses: "ls" or "tche" (ideal point z = 0)
+    tche_mu: float = 0.0  # > 0: smooth Tchebycheff with this temperature
+    epochs: int = 2  # passes over each iteration's pairs
+    minibatch_size: int = 32  # pairs per gradient step
+    grad_clip: float = 1.0  # gradient-norm clip
 
 
 def response_mask(prompt_len, seq_len, T):
@@ -99,7 +97,7 @@ def bradley_terry_loss(r_chosen, r_rejected):
 
 
 def reward_model_loss(model, batch):
-    """Bradley-Terry loss of every head on its objective's labels (ties left out): batch from pair_batch."""
+    """Bradley-Terry loss of every head on its objective's labels (ties left out): batch from data.pair_batch."""
     tokens, _, slen, winners = batch
     r = last_token_values(model, tokens, slen).float()
     r0, r1 = r[: winners.size(0)], r[winners.size(0):]
@@ -109,16 +107,13 @@ def reward_model_loss(model, batch):
 
 
 @torch.no_grad()
-def pair_accuracy(model, pairs, ix, device):
-    """(correct, count) per head over pairs ix: the model orders a pair as its label does (ties left out)."""
-    correct = count = 0
-    for part in ix.split(256):
-        tokens, _, slen, winners = pair_batch(pairs, part, device)
-        r = last_token_values(model, tokens, slen).float()
-        labelled = winners >= 0
-        correct = correct + (((r[: len(part)] > r[len(part):]) == (winners == 0)) & labelled).sum(0)
-        count = count + labelled.sum(0)
-    return correct, count
+def pair_accuracy(model, batch):
+    """(correct, count) per head over a batch of pairs: the model orders a pair as its label does (ties left out)."""
+    tokens, _, slen, winners = batch
+    r = last_token_values(model, tokens, slen).float()
+    labelled = winners >= 0
+    correct = ((r[: winners.size(0)] > r[winners.size(0):]) == (winners == 0)) & labelled
+    return correct.sum(0), labelled.sum(0)
 
 
 def dpo_losses(logratio_0, logratio_1, winners, beta):
@@ -136,7 +131,8 @@ def group_weights(J, prefs, agg, ideal=None, mu=0.0):
     objective is active must be decided on the group's mean, not per sequence (where the prompt,
     not lambda, would decide it). LS weights are lambda either way. J, prefs (B, m) -> (B, m)."""
     _, group = torch.unique(prefs, dim=0, return_inverse=True)  # (B,) group id of each sequence
-    n = torch.zeros(int(group.max()) + 1, device=J.device).index_add_(0, group, torch.ones_like(group, dtype=torch.float))
+    ones = torch.ones_like(group, dtype=torch.float)
+    n = torch.zeros(int(group.max()) + 1, device=J.device).index_add_(0, group, ones)  # (G,) sequences per group
     J_group = torch.zeros(n.size(0), J.size(1), device=J.device).index_add_(0, group, J.float()) / n[:, None]
     return aggregation_weights(J_group[group], prefs, agg, ideal, mu)
 
@@ -152,22 +148,31 @@ def rollout(policy, tok, prompts, prefs, max_new_tokens, temperature=1.0, top_k=
     response texts; a response that never ends (no tok.eot) is returned as None."""
     device = next(policy.parameters()).device
     enc = [tok.encode(p) for p in prompts]
-    P = max(len(e) for e in enc)
+    B, P = len(enc), max(len(e) for e in enc)
     idx = torch.tensor([[tok.eot] * (P - len(e)) + e for e in enc], device=device)
     real = torch.tensor([[0] * (P - len(e)) + [1] * len(e) for e in enc], device=device)
     if prefs is not None:
         set_preference(policy, prefs)
-    out = policy.generate(idx, max_new_tokens, temperature, top_k, stop_token=tok.eot, attention_mask=real)[:, P:].tolist()
-    seqs, texts = [], []
-    for e, resp in zip(enc, out):
-        text = None
-        if tok.eot in resp:
-            resp = resp[: resp.index(tok.eot) + 1]
-            text = tok.decode(resp[:-1])
-        seqs.append(e + resp)
-        texts.append(text)
-    tokens, seq_len = pack(seqs, tok.eot)
-    return tokens.to(device), torch.tensor([len(e) for e in enc], device=device), seq_len.to(device), texts
+    out = policy.generate(idx, max_new_tokens, temperature, top_k, stop_token=tok.eot, attention_mask=real)
+    resp = out[:, P:]  # (B, N) generated tokens, the end token repeated after a row's first one
+    ended = (resp == tok.eot).any(1)
+    resp_len = torch.where(ended, (resp == tok.eot).int().argmax(1) + 1, resp.size(1))  # end token included
+    prompt_len = real.sum(1)
+    seq_len = prompt_len + resp_len
+    # left-padded -> right-padded: row b starts at its first real token, P - prompt_len[b]
+    t = torch.arange(int(seq_len.max()), device=device)
+    tokens = out.gather(1, (t + P - prompt_len[:, None]).clamp(max=out.size(1) - 1))
+    tokens = torch.where(t < seq_len[:, None], tokens, tok.eot)  # (B, T)
+    texts = [tok.decode(r[: n - 1]) if e else None for r, n, e in zip(resp.tolist(), resp_len.tolist(), ended.tolist())]
+    return tokens, prompt_len, seq_len, texts
+
+
+def standardised_scores(reward_model, tokens, seq_len, finished, stats):
+    """(B, m) reward-model scores (r - mean) / std, with the SFT samples' statistics. A response cut
+    off by max_new_tokens ends on a token the reward model never scored in training: it gets the
+    lowest score of the SFT samples instead of an extrapolation."""
+    scores = (last_token_values(reward_model, tokens, seq_len).float() - stats["mean"]) / stats["std"]
+    return torch.where(finished[:, None], scores, (stats["min"] - stats["mean"]) / stats["std"])
 
 
 @torch.no_grad()
@@ -237,24 +242,26 @@ def optimizer_step(optimizer, loss, grad_clip):
 def collect(policy, critic, reward_model, tok, prompts, prefs, cfg, rm_stats):
     """Steps 1-2: responses to the rendered prompts under prefs (B, m) (the baselines' adapters have
     no preference slots: their rows are their fixed lambda, used for aggregation only) and what PPO
-    needs of them before any update. Policy and critic stay in eval mode: with dropout, the old and
-    new log-probs of the ratio would come from different functions. Returns the batch as a dict."""
+    needs of them before any update. policy and critic are the plain modules (not DDP-wrapped: this
+    is inference) and stay in eval mode: with dropout, the old and new log-probs of the ratio would
+    come from different functions. Returns the batch as a dict."""
     conditioned = preference_dim(policy) > 0
-    policy.eval(), critic.eval()
-    tokens, plen, slen, texts = rollout(policy, tok, prompts, prefs if conditioned else None, cfg["max_new_tokens"], cfg["temperature"])
+    policy.eval()
+    critic.eval()
+    tokens, plen, slen, texts = rollout(policy, tok, prompts, prefs if conditioned else None, cfg.max_new_tokens,
+                                        cfg.temperature)
     finished = torch.tensor([t is not None for t in texts], device=tokens.device)
     if conditioned:
-        set_preference(policy, prefs), set_preference(critic, prefs)
+        set_preference(policy, prefs)
+        set_preference(critic, prefs)
     start = int(plen.min()) - 1
     logp = sequence_logprobs(policy, tokens, start)
     with disable_adapters(policy):
         ref_logp = sequence_logprobs(policy, tokens, start)
-    scores = (last_token_values(reward_model, tokens, slen) - rm_stats["mean"]) / rm_stats["std"]
-    # a response cut off by max_new_tokens ends on a token the reward model never scored in
-    # training; it gets the lowest score of the SFT samples instead of an extrapolation
-    scores = torch.where(finished[:, None], scores, (rm_stats["min"] - rm_stats["mean"]) / rm_stats["std"])
-    return dict(tokens=tokens, plen=plen, slen=slen, texts=texts, finished=finished, prefs=prefs, conditioned=conditioned,
-                mask=response_mask(plen, slen, tokens.size(1)), logp=logp, ref_logp=ref_logp, scores=scores,
+    return dict(tokens=tokens, plen=plen, slen=slen, texts=texts, finished=finished, prefs=prefs,
+                conditioned=conditioned,
+                mask=response_mask(plen, slen, tokens.size(1)), logp=logp, ref_logp=ref_logp,
+                scores=standardised_scores(reward_model, tokens, slen, finished, rm_stats),
                 values=critic(tokens)[0][:, :-1])  # (B, T-1, m): V(s_t) before action t
 
 
@@ -264,82 +271,74 @@ def advantages(batch, cfg, ideal=None):
     A_lambda = sum_i (dg/dJ_i) A_i, whitened. For Tche the critic's value at the first response
     action estimates J_i(x, lambda), averaged over the group sharing lambda. Adds "adv", "returns"."""
     mask, values = batch["mask"], batch["values"]
-    rewards = kl_penalised_rewards(batch["scores"], batch["logp"], batch["ref_logp"], mask, batch["slen"], cfg["kl_coef"])
-    adv, batch["returns"] = gae(rewards, values, mask, 1.0, cfg["gae_lambda"])
+    rewards = kl_penalised_rewards(batch["scores"], batch["logp"], batch["ref_logp"], mask, batch["slen"], cfg.kl_coef)
+    adv, batch["returns"] = gae(rewards, values, mask, 1.0, cfg.gae_lambda)
     J_est = values[torch.arange(values.size(0)), batch["plen"] - 1]
-    w = group_weights(J_est, batch["prefs"], cfg["agg"], ideal, cfg["tche_mu"])
+    w = group_weights(J_est, batch["prefs"], cfg.agg, ideal, cfg.tche_mu)
     batch["adv"] = whiten((adv * w[:, None, :]).sum(-1), mask)
     return batch
 
 
 def update(policy, critic, optimizer, batch, cfg):
     """Step 6: epochs of minibatch steps on the clipped policy and value losses; returns mean logs.
-    policy and critic may be DDP-wrapped (the preferences are set on the modules inside)."""
-    pol, cri = getattr(policy, "module", policy), getattr(critic, "module", critic)
+    policy and critic may be DDP-wrapped: preferences reach the adapted layers inside either way."""
     stats, n_mb = defaultdict(float), 0
-    for _ in range(cfg["epochs"]):
-        for mb in torch.randperm(batch["tokens"].size(0), device=batch["tokens"].device).split(cfg["minibatch_size"]):
+    for _ in range(cfg.epochs):
+        for mb in torch.randperm(batch["tokens"].size(0), device=batch["tokens"].device).split(cfg.minibatch_size):
             if batch["conditioned"]:
-                set_preference(pol, batch["prefs"][mb]), set_preference(cri, batch["prefs"][mb])
+                set_preference(policy, batch["prefs"][mb])
+                set_preference(critic, batch["prefs"][mb])
             tokens, mask = batch["tokens"][mb], batch["mask"][mb]
             logp = sequence_logprobs(policy, tokens, int(batch["plen"][mb].min()) - 1)
-            pg, clipfrac = policy_loss(logp, batch["logp"][mb], batch["adv"][mb], mask, cfg["clip"])
-            vf = value_loss(critic(tokens)[0][:, :-1], batch["values"][mb], batch["returns"][mb], mask, cfg["clip_value"])
-            optimizer_step(optimizer, pg + cfg["vf_coef"] * vf, cfg["grad_clip"])
+            pg, clipfrac = policy_loss(logp, batch["logp"][mb], batch["adv"][mb], mask, cfg.clip)
+            vf = value_loss(critic(tokens)[0][:, :-1], batch["values"][mb], batch["returns"][mb], mask, cfg.clip_value)
+            optimizer_step(optimizer, pg + cfg.vf_coef * vf, cfg.grad_clip)
             for k, v in (("pg_loss", pg), ("vf_loss", vf), ("clipfrac", clipfrac)):
                 stats[k] += v.item()
             n_mb += 1
     return {k: v / n_mb for k, v in stats.items()}
 
 
-def ppo_iteration(policy, critic, reward_model, optimizer, tok, prompts, prefs, cfg, rm_stats, ideal=None):
-    """One PPO iteration on rendered prompt texts with one preference per sequence, prefs (B, m);
-    sequences with equal rows of prefs form a group (see group_weights). Returns the logs (with
-    the mean scores, the KL to the reference and the best finished score per objective, for Tche's
-    running ideal point) and the batch (its "texts" are the responses, None where unfinished)."""
-    batch = collect(getattr(policy, "module", policy), getattr(critic, "module", critic), reward_model, tok, prompts, prefs,
-                    cfg, rm_stats)
-    stats = update(policy, critic, optimizer, advantages(batch, cfg, ideal), cfg)
-    stats["kl"] = ((batch["logp"] - batch["ref_logp"]) * batch["mask"]).sum(-1).mean().item()
-    stats["rm"] = batch["scores"].mean(0).tolist()
-    stats["max_score"] = torch.where(batch["finished"][:, None], batch["scores"], -math.inf).max(0).values
-    return stats, batch
+# ----------------------------------------------------------------------------------------------
+# DPO
+
+def pair_losses(policy, batch, mask, ref, ix, prefs, beta):
+    """(b, m) per-objective DPO losses of pairs ix under their preferences prefs[ix], and their
+    log-ratio margins h(y_0) - h(y_1), h = log pi/pi_ref summed over the response (ref: log pi_ref, (2B,))."""
+    tokens, plen, _, winners = batch
+    rows = torch.cat([ix, ix + winners.size(0)])  # both responses of each pair
+    if preference_dim(policy):
+        set_preference(policy, prefs[ix].repeat(2, 1))  # each response under its pair's lambda
+    h = (sequence_logprobs(policy, tokens[rows], int(plen[rows].min()) - 1) * mask[rows]).sum(-1) - ref[rows]
+    n = len(ix)
+    return dpo_losses(h[:n], h[n:], winners[ix], beta), h[:n] - h[n:]
 
 
-def dpo_iteration(policy, optimizer, batch, prefs, cfg):
-    """One Panacea-DPO iteration on a batch of pairs from pair_batch: tokens (2B, T), prompt_len,
+def dpo_update(policy, optimizer, batch, prefs, cfg):
+    """One Panacea-DPO iteration on a batch of pairs from data.pair_batch: tokens (2B, T), prompt_len,
     seq_len, winners (B, m), with one preference per pair, prefs (B, m) (the baselines' rows: their
     fixed lambda). Reference log-probs once, then a few epochs of minibatch steps, as in PPO.
     J_i = -L_i (the DPO log-likelihood) is aggregated with weights dg/dJ_i (group_weights, on the
     batch's losses before the update): LS: loss = sum_i lambda_i L_i. Tche with ideal point z = 0
     (no log-likelihood exceeds 0): g = min_i lambda_i (J_i - 0), so the loss is lambda_i* L_i of the
-    group's active objective i* = argmax_i lambda_i mean L_i."""
-    pol = getattr(policy, "module", policy)
+    group's active objective i* = argmax_i lambda_i mean L_i. policy may be DDP-wrapped."""
     tokens, plen, slen, winners = batch
-    B, conditioned = winners.size(0), preference_dim(pol) > 0
+    B = winners.size(0)
     mask = response_mask(plen, slen, tokens.size(1))
-    pol.eval()  # no dropout: the reference and the policy are the same function at init
-
-    def losses(rows, pair_prefs):
-        if conditioned:
-            set_preference(pol, pair_prefs.repeat(2, 1))  # both responses of each pair, under the pair's lambda
-        h = (sequence_logprobs(policy, tokens[rows], int(plen[rows].min()) - 1) * mask[rows]).sum(-1) - ref[rows]  # log pi/pi_ref
-        n = len(rows) // 2
-        return dpo_losses(h[:n], h[n:], winners[rows[:n]], cfg["dpo_beta"]), h[:n] - h[n:]
-
+    policy.eval()  # no dropout: the reference and the policy are the same function at init
     with torch.no_grad():
-        with disable_adapters(pol):
-            ref = (sequence_logprobs(pol, tokens, int(plen.min()) - 1) * mask).sum(-1)  # (2B,)
+        with disable_adapters(policy):
+            ref = (sequence_logprobs(policy, tokens, int(plen.min()) - 1) * mask).sum(-1)  # (2B,)
         w = prefs
-        if cfg["agg"] != "ls":
-            L, _ = losses(torch.arange(2 * B, device=tokens.device), prefs)
-            w = group_weights(-L, prefs, cfg["agg"], 0.0, cfg["tche_mu"])
+        if cfg.agg != "ls":
+            L, _ = pair_losses(policy, batch, mask, ref, torch.arange(B, device=tokens.device), prefs, cfg.dpo_beta)
+            w = group_weights(-L, prefs, cfg.agg, 0.0, cfg.tche_mu)
     stats, n_mb = defaultdict(float), 0
-    for _ in range(cfg["epochs"]):
-        for mb in torch.randperm(B, device=tokens.device).split(cfg["minibatch_size"]):
-            L, margin = losses(torch.cat([mb, mb + B]), prefs[mb])  # (b, m)
+    for _ in range(cfg.epochs):
+        for mb in torch.randperm(B, device=tokens.device).split(cfg.minibatch_size):
+            L, margin = pair_losses(policy, batch, mask, ref, mb, prefs, cfg.dpo_beta)  # (b, m)
             loss = (w[mb] * L).sum(-1).mean()
-            optimizer_step(optimizer, loss, cfg["grad_clip"])
+            optimizer_step(optimizer, loss, cfg.grad_clip)
             stats["loss"] += loss.item()
             stats["margin"] += margin.abs().mean().item()
             stats["dpo"] += L.detach().mean(0)

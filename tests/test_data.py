@@ -9,6 +9,7 @@ import zlib
 import pytest
 
 import data
+import tokenizer
 import world
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -60,12 +61,12 @@ def pku():
 
 @pytest.fixture(scope="module")
 def gpt2_all():
-    return data.tokenizer({"gpt2_ids": "all"})
+    return tokenizer.load({"gpt2_ids": "all"})
 
 
 @pytest.fixture(scope="module")
 def world_tok():
-    return data.tokenizer({"gpt2_ids": world.Tokenizer().gpt2_ids})
+    return tokenizer.load(data.World.tokenizer_spec())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,7 +293,7 @@ def test_world_tokenizer_rejects_unseen_words(world_tok):
 
 def test_chat_template(gpt2_all, world_tok):
     for tok in (gpt2_all, world_tok):
-        assert tok.chat("How do I bake bread?") == "User: How do I bake bread?\nAssistant:" == world.chat("How do I bake bread?")
+        assert tok.chat("How do I bake bread?") == "User: How do I bake bread?\nAssistant:"
     assert gpt2_all.chat("What is photosynthesis?") == "User: What is photosynthesis?\nAssistant:"
 
 

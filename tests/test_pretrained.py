@@ -288,7 +288,7 @@ def test_a_few_ppo_iterations_on_the_pretrained_model(smol, tok):
     """Panacea's PPO on SmolLM2 itself, on a CPU at a tiny batch: the policy is SmolLM2 + SVD-LoRA, the
     critic and the reward model sit on its trunk. Every loss stays finite, the answers stop at
     <|im_end|>, and only the adapters (and the critic's value head) move."""
-    from rlhf import ppo_iteration
+    from rlhf import PPOConfig, advantages, collect, update
     wte = smol.transformer.wte.weight
     torch.manual_seed(0)
     policy = inject_svd_lora(copy.deepcopy(smol, memo={id(wte): wte}), rank=2, pref_dim=2, alpha=4.0)
@@ -306,13 +306,14 @@ def test_a_few_ppo_iterations_on_the_pretrained_model(smol, tok):
     frozen = {k: v.clone() for k, v in policy.state_dict().items() if ".lora_" not in k and "pref" not in k}
     before = [q.detach().clone() for q in trainable]
     opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.0)
-    cfg = dict(max_new_tokens=48, temperature=0.7, kl_coef=0.05, gae_lambda=0.95, agg="ls", tche_mu=0.0, epochs=1,
-               minibatch_size=2, clip=0.2, clip_value=0.2, vf_coef=0.5, grad_clip=1.0)
+    cfg = PPOConfig(max_new_tokens=48, temperature=0.7, epochs=1, minibatch_size=2)
     stats = {"mean": torch.zeros(2), "std": torch.ones(2), "min": -torch.ones(2), "max": torch.ones(2)}
     prompts = [tok.chat(p) for p in ("Answer in one word: what colour is the sky?", "Answer yes or no: is water wet?")]
     for _ in range(2):
-        s, batch = ppo_iteration(policy, critic, rm, opt, tok, prompts, torch.eye(2), cfg, stats)
-        assert all(torch.isfinite(torch.tensor(v)).all() for v in (s["pg_loss"], s["vf_loss"], s["kl"], s["rm"]))
+        batch = advantages(collect(policy, critic, rm, tok, prompts, torch.eye(2), cfg, stats), cfg)
+        s = update(policy, critic, opt, batch, cfg)
+        kl = ((batch["logp"] - batch["ref_logp"]) * batch["mask"]).sum(-1)
+        assert all(torch.isfinite(torch.as_tensor(v)).all() for v in (s["pg_loss"], s["vf_loss"], kl, batch["scores"]))
         assert batch["tokens"].size(0) == 2 and any(t is not None for t in batch["texts"])  # at least one <|im_end|>
     assert all(l.lora_sigma.abs().sum() > 0 for l in lora_layers(policy))  # every adapted matrix of the policy moved
     assert sum(not torch.equal(a, q) for a, q in zip(before, trainable)) > 0.9 * len(trainable)

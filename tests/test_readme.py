@@ -1,11 +1,12 @@
-"""README.md says what the code is and where it is: these tests keep it true.
+"""README.md and RESULTS.md say what the code is and where it is: these tests keep them true.
 
-- every `file.py:name` it mentions exists: the file, and `name` as a top-level def, class or
+- every `file.py:name` they mention exists: the file, and `name` as a top-level def, class or
   assigned name in it (`file.py:Class.method`: the method inside the class), found with ast;
 - every Markdown table has as many cells in each row as in its header, counted as GitHub counts
   them (a `|` separates cells even inside backticks, unless written `\\|`);
-- every relative link or image points to a file of the repository.
-Fenced code blocks are left out of all three.
+- every relative link or image points to a file of the repository, and a link's #anchor to a heading;
+- no file of the repository cites a document that is not in it; the README stays a front page.
+Fenced code blocks are left out of the first three.
 """
 import ast
 import os
@@ -15,7 +16,7 @@ import pytest
 
 from conftest import ROOT
 
-README = os.path.join(ROOT, "README.md")
+DOCS = ["README.md", "RESULTS.md"]
 
 
 def prose_lines(text):
@@ -30,10 +31,10 @@ def prose_lines(text):
     return out
 
 
-@pytest.fixture(scope="module")
-def lines():
-    with open(README) as f:
-        return prose_lines(f.read())
+@pytest.fixture(scope="module", params=DOCS)
+def doc(request):
+    with open(os.path.join(ROOT, request.param)) as f:
+        return request.param, prose_lines(f.read())
 
 
 # ---------------------------------------------------------------------------------------------- names
@@ -75,10 +76,12 @@ def missing(file, name):
     return None
 
 
-def test_every_file_and_name_the_readme_mentions_exists(lines):
+def test_every_file_and_name_the_docs_mention_exists(doc):
+    name, lines = doc
     refs = sorted({(m.group(1), m.group(2), i) for i, line in lines for m in REF.finditer(line)})
-    assert len({(f, n) for f, n, _ in refs}) >= 20, "the paper-to-code table names the code: expected at least 20 file.py:name"
-    errors = [f"README.md:{i}: {f}:{n}: {why}" for f, n, i in refs if (why := missing(f, n))]
+    if name == "README.md":
+        assert len({(f, n) for f, n, _ in refs}) >= 20, "the paper-to-code table names the code: expected 20 file.py:name"
+    errors = [f"{name}:{i}: {f}:{n}: {why}" for f, n, i in refs if (why := missing(f, n))]
     assert not errors, "\n".join(errors)
 
 
@@ -128,10 +131,11 @@ def ragged_rows(table):
     return [(i, len(cells(row)), n) for i, row in table if len(cells(row)) != n]
 
 
-def test_every_table_has_the_same_number_of_cells_in_every_row(lines):
+def test_every_table_has_the_same_number_of_cells_in_every_row(doc):
+    name, lines = doc
     found = tables(lines)
-    assert found, "no Markdown table found in README.md"
-    errors = [f"README.md:{i}: {got} cells, the header has {n}" for t in found for i, got, n in ragged_rows(t)]
+    assert found, f"no Markdown table found in {name}"
+    errors = [f"{name}:{i}: {got} cells, the header has {n}" for t in found for i, got, n in ragged_rows(t)]
     assert not errors, "\n".join(errors)
 
 
@@ -148,26 +152,66 @@ def test_table_checker_counts_cells_as_github_does():
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)|<img[^>]*\bsrc=\"([^\"]+)\"")
 
 
-def relative_targets(lines):
-    """(line number, path) of every link or image that is not a URL or an anchor within the page."""
+def relative_targets(lines, anchors=False):
+    """(line number, path) of every link or image that is not a URL or an anchor within the page
+    (with anchors: (line number, path or "" for the page itself, anchor) of every link with a #anchor)."""
     out = []
     for i, line in lines:
         for m in LINK.finditer(line):
             target = m.group(1) or m.group(2)
-            if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I) or target.startswith("#"):
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I):
                 continue
-            out.append((i, target.split("#")[0].split("?")[0]))
+            path, _, anchor = target.partition("#")
+            if anchors and anchor:
+                out.append((i, path, anchor))
+            elif not anchors and path:
+                out.append((i, path.split("?")[0]))
     return out
 
 
-def test_every_relative_link_points_to_a_file(lines):
+def heading_anchors(path):
+    """The anchors GitHub gives a Markdown file's headings: lower case, punctuation dropped, spaces as -."""
+    with open(path) as f:
+        heads = [line.lstrip("#").strip() for _, line in prose_lines(f.read()) if line.startswith("#")]
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
+def test_every_relative_link_points_to_a_file_and_heading(doc):
+    name, lines = doc
     targets = relative_targets(lines)
-    assert targets, "no relative link found in README.md"
-    errors = [f"README.md:{i}: {t} does not exist" for i, t in targets if not os.path.exists(os.path.join(ROOT, t))]
+    assert targets or name != "README.md", "no relative link found in README.md"
+    errors = [f"{name}:{i}: {t} does not exist" for i, t in targets if not os.path.exists(os.path.join(ROOT, t))]
+    for i, path, anchor in relative_targets(lines, anchors=True):
+        file = os.path.join(ROOT, path or name)
+        if file.endswith(".md") and anchor not in heading_anchors(file):
+            errors.append(f"{name}:{i}: {path or name} has no heading #{anchor}")
     assert not errors, "\n".join(errors)
+
+
+def test_the_readme_is_a_front_page():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        assert len(f.read().splitlines()) <= 220, "the front page is about 200 lines: results go to RESULTS.md"
+
+
+def test_no_file_cites_a_document_outside_the_repository():
+    """Code, notebooks and docs may name only documents that exist in the repository."""
+    cited = re.compile(r"\b(?:SPEC|STYLE)\b(?: ?§| section|\.md)|\.\./shared|\b[\w-]+\.md\b")
+    errors = []
+    for folder, _, files in os.walk(ROOT):
+        if any(part.startswith(".") or part in ("out", "__pycache__") for part in os.path.relpath(folder, ROOT).split(os.sep)):
+            continue
+        for f in files:
+            if f.endswith((".py", ".md", ".ipynb")):
+                with open(os.path.join(folder, f), encoding="utf-8") as fh:
+                    for m in cited.finditer(fh.read()):
+                        doc = m.group(0)
+                        if not (doc.endswith(".md") and os.path.exists(os.path.join(ROOT, doc))):
+                            errors.append(f"{os.path.relpath(os.path.join(folder, f), ROOT)}: cites {doc}")
+    assert not errors, "\n".join(sorted(set(errors)))
 
 
 def test_link_checker_finds_links_and_images():
     lines = list(enumerate(["![front](assets/pareto.png) and [the world](notebooks/the_world.ipynb#judges)",
                             "[paper](https://arxiv.org/abs/2402.02030), [below](#speed)"], 1))
     assert relative_targets(lines) == [(1, "assets/pareto.png"), (1, "notebooks/the_world.ipynb")]
+    assert relative_targets(lines, anchors=True) == [(1, "notebooks/the_world.ipynb", "judges"), (2, "", "speed")]

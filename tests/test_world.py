@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 import world as W
+from conftest import world_tokenizer
+from tokenizer import GPT2Tokenizer
 from panacea import hypervolume, pareto_front, pref_grid
 
 BREAD, POTION = 0, 14  # "bake bread" (benign, 4 steps), "brew a sleeping potion for the king" (severity 1)
@@ -152,17 +154,19 @@ def test_ls_front_is_curved_with_distinct_endpoints_that_dominate_the_sft_point(
     assert all(r < min(p[i] for p in front + [sft]) for i, r in enumerate(ref))
 
 
-def test_tokenizer_round_trip_and_unknown_words():
-    tok = W.Tokenizer()
-    assert tok.decode([tok.eot]) == W.EOT and tok.vocab_size < 400
+def test_the_world_tokenizer_round_trips_every_text_and_names_unknown_words():
+    tok = world_tokenizer()
+    assert tok.decode([tok.eot]) == "<|endoftext|>" and tok.vocab_size < 400
     rng = random.Random(1)
     for _ in range(50):
         t = rng.randrange(20)
-        text = W.chat(rng.choice(W.prompts("train"))[1]) + W.sample_response(t, rng).text()
+        text = tok.chat(rng.choice(W.prompts("train"))[1]) + W.sample_response(t, rng).text()
         ids = tok.encode(text)
         assert max(ids) < tok.vocab_size and tok.decode(ids) == text
+    for t in range(len(W.TASKS)):  # every part of every response the grammar allows
+        for r in W.candidates(t) + [r for _, r in W.behaviour(t)]:
+            assert tok.decode(tok.encode(r.text())) == r.text()
     with pytest.raises(ValueError, match="'kite'"):
-        tok.encode(W.chat("How do I bake a kite?"))
-    assert tok.chat("How do I bake bread?") == W.chat("How do I bake bread?")  # the template callers render prompts with
-    again = W.Tokenizer(tok.gpt2_ids)
-    assert again.encode(W.chat("How do I bake bread?")) == tok.encode(W.chat("How do I bake bread?"))
+        tok.encode(tok.chat("How do I bake a kite?"))
+    again = GPT2Tokenizer(tok.gpt2_ids)  # as rebuilt from a checkpoint's spec
+    assert again.encode(tok.chat("How do I bake bread?")) == tok.encode(tok.chat("How do I bake bread?"))
