@@ -383,6 +383,75 @@ def sft_point(objectives, split="eval", seed=0):
     return expected_scores(behaviour, objectives, split, seed)
 
 
+# ----------------------------------------------------------------------------------------------
+# Ceilings below the limit: the best KL-regularised RLHF can do at lambda and beta
+#
+# PPO at lambda maximises E_x [ E_pi[sum_i lambda_i r_i(x, y)] - beta KL(pi(.|x) || pi_ref(.|x)) ], whose
+# optimum over all policies is known in closed form, per prompt x:
+#     pi*_lambda(y|x) = pi_ref(y|x) exp(sum_i lambda_i r_i(x, y) / beta) / Z_lambda(x)
+#     log pi*_lambda  = log pi_ref + (R @ lambda) / beta - logsumexp(same)     R: (responses, m)
+# pi_ref is behaviour(task): the distribution the SFT model imitates, exact and model-free (the
+# SFT model's own probabilities would need the model). pi* never leaves pi_ref's support, so the
+# ceiling ranges over the responses the SFT data gives, not the whole grammar. Every ceiling point
+# is judged by the world's judges, whatever r was:
+#   mode         per prompt the argmax of pi*_lambda, the answer greedy decoding approaches
+#   expectation  E_{pi*_lambda}[judge scores], what sampling from pi*_lambda scores
+# With the standardised judges as r this is the best KL-regularised RLHF can reach at beta; with a
+# run's reward models as r, the best those reward models allow.
+
+def judge_stats(objectives, split="train", seed=0):
+    """(mean (m,), std (m,)) of the judge scores under the SFT behaviour, pooled over the split's
+    prompts: the exact counterpart of the statistics a reward model stores (SFT samples on the
+    training prompts). behaviour() depends on the task alone and each task has as many prompts in
+    either split, so "train" and "eval" give the same numbers; the default says where they come from."""
+    import numpy as np
+    ps = prompts(split, seed)
+    p = np.array([q for t, _ in ps for q, _ in behaviour(t)]) / len(ps)  # (rows,), sums to 1
+    J = np.array([[judge(t, r, o) for o in objectives] for t, _ in ps for _, r in behaviour(t)])  # (rows, m)
+    mean = p @ J
+    return mean, np.sqrt(p @ (J - mean) ** 2)
+
+
+def kl_optimum(objectives, prefs, beta, reward=None, split="eval", seed=0):
+    """The judge-scored front of pi*_lambda (above) on the split's prompts, for each lambda in prefs.
+    r: by default the judges standardised by judge_stats(objectives, "train", seed); or
+    reward(prompt texts, response texts) -> (N, m) standardised scores on the CPU (e.g. a run's reward
+    models), called once on every (prompt, behaviour response) pair, prompts as prompts() gives them
+    (not chat-formatted). Returns {"mode": (K, m), "expectation":
+    (K, m), "kl": (K,) mean KL(pi*_lambda || pi_ref) in nats}, numpy arrays, K = len(prefs).
+    The mode's ties (equal log pi*) go to the first response in behaviour order; a tie in reward
+    alone already goes to the likelier response under pi_ref, as pi* itself says. Exact ties occur at
+    the grid's vertices (helpful alone: a warning on a risky task, at odds 1:1, changes nothing)."""
+    import numpy as np
+    ps = prompts(split, seed)
+    support = [behaviour(t) for t, _ in ps]
+    n = max(len(s) for s in support)  # supports differ in size (32 or 40 responses): pad to (P, n)
+    logp = np.full((len(ps), n), -np.inf)  # padding has probability 0 under pi_ref and pi*
+    J = np.zeros((len(ps), n, len(objectives)))  # judge scores
+    for k, ((t, _), s) in enumerate(zip(ps, support)):
+        logp[k, : len(s)] = np.log([q for q, _ in s])
+        J[k, : len(s)] = [[judge(t, r, o) for o in objectives] for _, r in s]
+    valid = np.isfinite(logp)
+    if reward is None:
+        mean, std = judge_stats(objectives, "train", seed)
+        R = (J - mean) / std
+    else:
+        rows = [(p, r.text()) for (_, p), s in zip(ps, support) for _, r in s]  # prompt-major, as valid
+        R = np.zeros_like(J)
+        R[valid] = np.asarray(reward([p for p, _ in rows], [y for _, y in rows]), dtype=float)
+    lam = np.asarray(prefs, dtype=float)  # (K, m)
+    logits = logp[None] + np.einsum("pnm,km->kpn", R, lam) / beta  # (K, P, n); padding stays -inf
+    top = logits.max(-1, keepdims=True)  # log-sum-exp about the max: stable from beta 1e-4 to 1e4
+    logpi = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    pi = np.exp(logpi)  # (K, P, n)
+    mode = np.take_along_axis(J[None], logits.argmax(-1)[..., None, None], axis=2)[:, :, 0]  # (K, P, m)
+    kl = (pi * np.where(valid, logpi - np.where(valid, logp, 0.0), 0.0)).sum(-1)  # (K, P); 0 log 0 = 0
+    return {"mode": mode.mean(1), "expectation": np.einsum("kpn,pnm->km", pi, J) / len(ps), "kl": kl.mean(1)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The hypervolume reference point, one per objective set, that every front is measured against
+
 def reference_point(objectives, prefs, split="eval", seed=0):
     """Hypervolume reference: the component-wise minimum over the LS points of the attainable front
     (on `prefs`) and the SFT behaviour point, minus 10% of their range on each axis. Fixed by the
