@@ -25,7 +25,8 @@ A missing field, a winner other than 0, 1 or -1 or an empty file stops with one 
     tokenizer_spec()         the tokenizer a from-scratch GPT reads (tokenizer.py): the world's few hundred
                              GPT-2 tokens, or all of GPT-2's for your own text
     limits(objectives, ...)  the world's limits (attainable front, its LS points, the hypervolume reference
-                             point); None for your own data
+                             point) and the ceilings below them (the KL-regularised optimum with the judges
+                             and with a run's reward models as rewards); None for your own data
 
 Records become tensors in the layout every training stage reads (rlhf.py's docstring):
     tokens (N, T) = prompt (in the model's chat template) + response + <|endoftext|>, right-padded;
@@ -149,7 +150,7 @@ class Source:
     def tokenizer_spec(self):
         return {"gpt2_ids": "all"}  # real text: GPT-2's whole BPE
 
-    def limits(self, objectives, grid, standard):
+    def limits(self, objectives, grid, standard, beta=None, reward=None):
         return None  # no judges, so no limits known
 
     def digest(self):
@@ -211,16 +212,25 @@ class World(Source):
         prompts, responses = world.world_texts()
         return {"gpt2_ids": tokenizer.gpt2_ids([tokenizer.gpt2_chat(p) for p in prompts] + responses)}
 
-    def limits(self, objectives, grid, standard):
+    def limits(self, objectives, grid, standard, beta=None, reward=None):
         """What no policy can exceed on the held-out prompts: the attainable front and its hypervolume
-        against the world's fixed reference point (set by the `standard` lambda grid), and the LS
-        points of the attainable front on `grid` and on `standard`."""
+        against the world's fixed reference point (set by the `standard` lambda grid), the LS points of
+        the attainable front on `grid` and on `standard`. With beta, the ceilings below them: for each
+        lambda of grid the judge-scored optimum pi*_lambda of the KL-regularised objective at beta
+        (world.kl_optimum) with the standardised judges as rewards (the best KL-regularised RLHF can
+        do), and with reward(prompts, texts) -> (N, m), a run's standardised reward models (the best
+        they allow)."""
         ref = world.reference_point(objectives, standard, seed=self.seed)
         attainable = world.attainable_front(objectives, seed=self.seed, cache_dir=os.path.dirname(self.paths["pairs"]))
-        return {"reference_point": ref, "attainable_front": attainable,
-                "attainable_hypervolume": hypervolume(attainable, ref),
-                "ls_points": world.ls_front(objectives, grid, seed=self.seed),
-                "ls_hypervolume": hypervolume(world.ls_front(objectives, standard, seed=self.seed), ref)}
+        out = {"reference_point": ref, "attainable_front": attainable,
+               "attainable_hypervolume": hypervolume(attainable, ref),
+               "ls_points": world.ls_front(objectives, grid, seed=self.seed),
+               "ls_hypervolume": hypervolume(world.ls_front(objectives, standard, seed=self.seed), ref)}
+        if beta is not None:
+            out["judge_ceiling"] = dict(world.kl_optimum(objectives, grid, beta, seed=self.seed), beta=beta)
+        if reward is not None:
+            out["rm_ceiling"] = dict(world.kl_optimum(objectives, grid, beta, reward, seed=self.seed), beta=beta)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------- records -> tensors

@@ -6,9 +6,11 @@ The Pareto front of a trained policy on held-out prompts, and its plots (train.p
                         world's) and by the reward models -> per-lambda sums of the scores
     record(...)         the front.json record: the mean point xi(lambda) per lambda, the SFT point, the
                         Pareto metrics; where the source knows its limits (the world) also the attainable
-                        front, its LS points, the fixed reference point and the hypervolume ratio. Data
-                        without judges (your own) is measured with the reward models alone, as in the
-                        paper, and the front says so ("scored_by").
+                        front, its LS points, the fixed reference point and the hypervolume ratio, and the
+                        ceilings below it (*_ceiling: the KL-regularised optimum with the judges and with
+                        the run's reward models as rewards). Data without judges (your own) is measured
+                        with the reward models alone, as in the paper, and the front says so ("scored_by").
+    rm_reward(...)      the run's reward models as reward(prompts, texts), for the reward-model ceiling
     print_front, write_front(front, out_dir)   the table, front.json and pareto.png
     plot_fronts([(label, front)], path)        m = 2: one panel; m >= 3: pairwise projections + a 3-D view
 """
@@ -20,8 +22,9 @@ import torch
 import torch.distributed as dist
 
 from build import load_gpt, load_reward_model, policy_at
+from data import encode_samples
 from panacea import front_metrics, hypervolume
-from rlhf import rollout, standardised_scores
+from rlhf import last_token_values, rollout, standardised_scores
 from tokenizer import load as load_tokenizer
 
 RM_REFERENCE = -2.0  # reward-model hypervolume reference: 2 SFT standard deviations below the SFT mean
@@ -81,10 +84,30 @@ def measure(sft_ck, rm_ck, pol_ck, grid, prompts, judge, temperature, max_new_to
     return {k: v.cpu().double() for k, v in sums.items()}
 
 
+def rm_reward(sft_ck, rm_ck, objectives, device):
+    """reward(prompt texts, response texts) -> (N, m) numpy array: the run's reward models' scores of
+    finished responses, standardised with the SFT samples' statistics as in PPO."""
+    tok = load_tokenizer(sft_ck["tokenizer"])
+    rm, stats = load_reward_model(rm_ck, sft_ck, objectives, device)
+
+    @torch.no_grad()
+    def reward(prompts, texts):
+        tokens, _, slen = encode_samples(tok, [tok.chat(p) for p in prompts], texts)
+        out = []
+        for ix in torch.arange(len(texts)).split(256):
+            T = int(slen[ix].max())
+            r = last_token_values(rm, tokens[ix, :T].to(device), slen[ix].to(device)).float()
+            out.append(((r - stats["mean"]) / stats["std"]).cpu())
+        return torch.cat(out).numpy()
+
+    return reward
+
+
 def record(sums, grid, pol_ck, limits, n_prompts):
     """The front.json record of measured sums: the learned points (judge and rm), the SFT point, the
     metrics and the cost; with the source's limits (None for your own data) the attainable front,
-    its LS points, the reference point and the hypervolume ratio."""
+    its LS points, the reference point and the hypervolume ratio, and the ceilings' points (mode and
+    expectation of pi*), their KL to pi_ref and their hypervolume ratios."""
     objectives, m = pol_ck["objectives"], len(pol_ck["objectives"])
     n = sums["n"][:, None]
     mean, rm_mean = sums["judge"] / n, sums["rm"] / n
@@ -106,6 +129,14 @@ def record(sums, grid, pol_ck, limits, n_prompts):
     # the front is stored whole up to MAX_STORED points (m = 2: a few hundred), else evenly thinned
     attainable = limits["attainable_front"]
     keep = attainable[:: math.ceil(len(attainable) / MAX_STORED)]
+    for name in ("judge_ceiling", "rm_ceiling"):  # the points of pi*_lambda and the share of the limit they reach
+        if name not in limits:
+            continue
+        c = limits[name]
+        hv = {k: hypervolume(c[k], ref) for k in ("mode", "expectation")}
+        front[name] = {"beta": c["beta"], "mode": c["mode"].tolist(), "expectation": c["expectation"].tolist(),
+                       "kl": c["kl"].tolist(), "hypervolume": hv,
+                       "ratio": {k: v / limits["attainable_hypervolume"] for k, v in hv.items()}}
     return dict(
         front, scored_by="the world's judges", judge_scores=judge_pts, sft_judge_scores=sft_pt,
         ls_judge_scores=limits["ls_points"], attainable_front=keep.round(6).tolist(), reference_point=ref,
@@ -139,10 +170,17 @@ def print_front(front):
               f"sft point {mt['sft_hypervolume']:.4f}), "
               f"inner product {mt['judge']['inner_product']:.3f}, sparsity {mt['judge']['sparsity']:.4f}, "
               f"spacing {mt['judge']['spacing']:.4f}, mean stderr {mt['judge']['mean_stderr']:.3f}")
+        print("where the hypervolume goes (HV / attainable): attainable front 1.000 > its LS points "
+              f"{mt['ls_hypervolume'] / mt['attainable_hypervolume']:.3f}"
+              + "".join(f" > KL optimum with the {who} (beta {c['beta']:g}) {c['ratio']['mode']:.3f} "
+                        f"(expectation {c['ratio']['expectation']:.3f})"
+                        for who, c in (("judges", front.get("judge_ceiling")),
+                                       ("reward models", front.get("rm_ceiling"))) if c)
+              + f" > learned {mt['hypervolume_ratio']:.3f}")
     else:
         print(f"reward-model hypervolume {mt['rm']['hypervolume']:.4f} (reference {RM_REFERENCE} per objective), "
               f"inner product {mt['rm']['inner_product']:.3f}, sparsity {mt['rm']['sparsity']:.4f}, "
-              f"mean stderr {mt['rm']['mean_stderr']:.3f}")
+              f"mean stderr {mt['rm']['mean_stderr']:.3f}; no ceilings: the data has no judges to compute them")
 
 
 def write_front(front, out_dir, label):
@@ -154,10 +192,29 @@ def write_front(front, out_dir, label):
     plot_fronts([(label, front)], os.path.join(out_dir, "pareto.png"))
 
 
+def draw_limits(ax, front, a, b):
+    """The world's limit and ceilings in the (objective a, objective b) plane: the attainable front, its
+    LS points and the KL optimum's points (mode) with the judges and with the reward models."""
+    att = front["attainable_front"]
+    if len(front["objectives"]) == 2:  # the attainable front is a staircase of many points; LS picks some of them
+        att = sorted(att)
+        ax.step([p[a] for p in att], [p[b] for p in att], "k-", where="pre", lw=0.8, alpha=0.6,
+                label="attainable front")
+    else:
+        ax.plot([p[a] for p in att], [p[b] for p in att], ".", color="0.8", ms=1, label="attainable front (projected)")
+    ls = front["ls_judge_scores"]
+    ax.plot([p[a] for p in ls], [p[b] for p in ls], "kx", ms=6, alpha=0.7, label="its LS points")
+    for key, who, style in (("judge_ceiling", "judges", "g+"), ("rm_ceiling", "reward models", "m1")):
+        if key in front:
+            c = front[key]
+            ax.plot([p[a] for p in c["mode"]], [p[b] for p in c["mode"]], style, ms=7, alpha=0.8,
+                    label=f"KL optimum, {who} ({c['ratio']['mode']:.3f})")
+
+
 def plot_fronts(runs, path):
     """Every run's learned front and the SFT point, each lambda labelled, taken from the run on the
-    finest grid; on the world also the attainable front and its LS points. m >= 3: every pair of
-    objectives, plus one 3-D view."""
+    finest grid; on the world also the attainable front, its LS points and the ceilings. m >= 3: every
+    pair of objectives, plus one 3-D view."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -169,16 +226,7 @@ def plot_fronts(runs, path):
     for k, (a, b) in enumerate(pairs):
         ax = fig.add_subplot(math.ceil(n / 2), min(n, 2), k + 1)
         if judged:
-            att = first["attainable_front"]
-            if m == 2:  # the attainable front is a staircase of many points; LS picks some of them
-                att = sorted(att)
-                ax.step([p[a] for p in att], [p[b] for p in att], "k-", where="pre", lw=0.8, alpha=0.6,
-                        label="attainable front")
-            else:
-                ax.plot([p[a] for p in att], [p[b] for p in att], ".", color="0.8", ms=1,
-                        label="attainable front (projected)")
-            ls = first["ls_judge_scores"]
-            ax.plot([p[a] for p in ls], [p[b] for p in ls], "kx", ms=6, alpha=0.7, label="its LS points")
+            draw_limits(ax, first, a, b)
         for label, fr in runs:
             pts = points(fr)[0]
             ax.plot([p[a] for p in pts], [p[b] for p in pts], "-o" if m == 2 else "o", ms=4, label=label)

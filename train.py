@@ -288,9 +288,8 @@ def train_rm(source, tok, sft, resume):
 
 # ---------------------------------------------------------------------------------------------- panacea and baselines
 def draw_prefs(fixed, m):
-    """(rollout_batch, m) preferences of one iteration. Algorithm 1: Panacea draws one lambda per group
-    of pref_group sequences (DPO: pairs), kept for everything the batch touches; a baseline's rows
-    are its fixed lambda."""
+    """(rollout_batch, m) preferences of one iteration. Algorithm 1: Panacea draws one lambda per group of
+    pref_group sequences (DPO: pairs), kept for everything the batch touches; a baseline: its fixed lambda."""
     if fixed is None:
         groups = sample_prefs(args.rollout_batch // args.pref_group, m, args.vertex_prob)  # (B / pref_group, m)
         return groups.repeat_interleave(args.pref_group, 0)
@@ -396,7 +395,9 @@ def evaluate_front(source, sft, rm, pol):
     with autocast:
         sums = evaluate.measure(sft, rm, pol, grid, prompts, source.judge, args.eval_temperature,
                                 args.max_new_tokens, args.seed, device, rank, world_size)
-    front = evaluate.record(sums, grid, pol, source.limits(pol["objectives"], grid, standard), len(prompts))
+        reward = evaluate.rm_reward(sft, rm, pol["objectives"], device) if args.algo == "ppo" else None
+        limits = source.limits(pol["objectives"], grid, standard, args.kl_coef if reward else None, reward)
+    front = evaluate.record(sums, grid, pol, limits, len(prompts))
     if rank == 0:
         evaluate.write_front(front, args.out_dir, f"{args.method} {args.algo} {args.agg}")
         evaluate.print_front(front)

@@ -108,17 +108,37 @@ def test_a_reward_that_ignores_an_objective_costs_hypervolume(limit):
     assert np.allclose(bad, bad[0])  # every lambda now weighs the same score
 
 
-def test_ceiling_ratios_at_the_defaults(limit, capsys):
-    """The hypervolume ratios against the attainable front, printed for the record: the ceilings lie
-    below the LS points at beta 0.05 and fall as beta grows (the KL term keeps pi* near pi_ref)."""
+def test_ceiling_ratios_at_the_defaults(limit):
+    """The hypervolume ratios against the attainable front: the ceilings lie below the LS points at
+    beta 0.05 (0.919, as an independent computation of the same optimum measured) and fall as beta
+    grows (the KL term keeps pi* near pi_ref)."""
     ref, _, attainable_hv = limit
     ls = hypervolume(W.ls_front(OBJS, GRID, seed=SEED), ref) / attainable_hv
-    lines, ratios = [f"LS points {ls:.3f}"], {}
+    ratios = {}
     for beta in (0.01, 0.05, 0.2):
         c = W.kl_optimum(OBJS, GRID, beta, seed=SEED)
         ratios[beta] = {k: hypervolume(c[k], ref) / attainable_hv for k in ("mode", "expectation")}
-        lines.append(f"beta {beta}: mode {ratios[beta]['mode']:.3f}, expectation {ratios[beta]['expectation']:.3f}")
-    with capsys.disabled():
-        print("\nceilings / attainable (helpful, harmless; seed 1337): " + "; ".join(lines))
     assert ratios[0.05]["mode"] < ls and ratios[0.05]["mode"] == pytest.approx(0.919, abs=1e-3)
     assert ratios[0.2]["mode"] < ratios[0.05]["mode"] and ratios[0.2]["expectation"] < ratios[0.05]["expectation"]
+
+
+def test_the_evaluation_records_the_ceilings_and_a_reward_model_of_judges_meets_the_judge_ceiling(tmp_path, limit):
+    """Through the data source and evaluate.record, as train.py evaluates a run: with the standardised
+    judges standing in for the reward models, the reward-model ceiling is the judge ceiling, and every
+    recorded ratio is a share of the attainable front."""
+    import torch
+    from data import World
+    from evaluate import record
+    ref, front, attainable_hv = limit
+    source = World(str(tmp_path), SEED, n_sft=10, n_pairs=10, label_temperature=0.1)
+    limits = source.limits(list(OBJS), GRID, GRID, 0.05, standardised_judges(OBJS))
+    assert limits["reference_point"] == pytest.approx(ref) and limits["attainable_hypervolume"] == pytest.approx(attainable_hv)
+    sums = {"judge": torch.zeros(12, 2, dtype=torch.float64), "judge_sq": torch.zeros(12, 2, dtype=torch.float64),
+            "rm": torch.zeros(12, 2, dtype=torch.float64), "n": torch.ones(12, dtype=torch.float64)}
+    pol = {"objectives": list(OBJS), "fixed_prefs": [None], "update_steps": 0, "seconds": 0.0}
+    fr = record(sums, GRID, pol, limits, 40)
+    judge, rm = fr["judge_ceiling"], fr["rm_ceiling"]
+    assert np.allclose(judge["mode"], rm["mode"], atol=1e-12) and np.allclose(judge["expectation"], rm["expectation"])
+    assert judge["ratio"]["mode"] == pytest.approx(hypervolume(judge["mode"], ref) / attainable_hv)
+    assert 0.85 < judge["ratio"]["mode"] <= 1 and judge["beta"] == 0.05
+    assert source.limits(list(OBJS), GRID, GRID).keys().isdisjoint({"judge_ceiling", "rm_ceiling"})  # no beta: none

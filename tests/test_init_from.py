@@ -104,6 +104,7 @@ def test_own_data_in_the_pku_layout_trains_end_to_end(tmp_path):
     assert front["objectives"] == ["helpful", "harmless"] and "judge_scores" not in front
     assert front["scored_by"].startswith("reward models") and len(front["rm_scores"]) == 3 and 1 <= front["n_prompts"] <= 6
     assert "reward models" in p.stdout.split("rm: done")[1]  # the printed front says how it was measured
+    assert "no ceilings" in p.stdout and not any(k.endswith("_ceiling") for k in front)  # no judges, no ceilings
     s = run("sample.py", "--out_dir", out, "--pref", "0.5,0.5", "--prompt", "Explain quantum entanglement and photosynthesis.",
             "--max_new_tokens", "8")
     assert "> Explain quantum entanglement" in s.stdout and "judges" not in s.stdout

@@ -20,6 +20,7 @@ TINY_RL = ["--rl_iters", "3", "--rollout_batch", "8", "--minibatch_size", "4", "
            "--eval_divisions", "2"]
 FRONT_KEYS = {"objectives", "prefs", "n_prompts", "judge_scores", "rm_scores", "sft_judge_scores", "sft_rm_scores", "scored_by",
               "ls_judge_scores", "attainable_front", "reference_point", "metrics", "cost"}
+CEILINGS = {"judge_ceiling", "rm_ceiling"}  # PPO's: the KL-regularised optimum at its beta
 
 
 def run(script, *args, check=True, env=None):
@@ -65,8 +66,13 @@ def test_whole_pipeline_ppo_writes_the_front_and_answers_any_preference(base, pp
     out, p = ppo_run
     assert "panacea iter 3:" in p.stdout and "hypervolume" in p.stdout
     front = load_front(out)
-    assert set(front) == FRONT_KEYS
+    assert set(front) == FRONT_KEYS | CEILINGS
     assert front["objectives"] == ["helpful", "harmless"] and front["prefs"] == [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]
+    for key in CEILINGS:  # below the limit, one point per lambda, at the run's beta
+        c = front[key]
+        assert c["beta"] == 0.05 and len(c["mode"]) == len(c["expectation"]) == len(c["kl"]) == 3
+        assert 0 < c["ratio"]["mode"] <= 1 and 0 < c["ratio"]["expectation"] <= 1 and min(c["kl"]) >= 0
+    assert "where the hypervolume goes" in p.stdout and "KL optimum with the reward models" in p.stdout
     assert len(front["judge_scores"]) == len(front["rm_scores"]) == len(front["ls_judge_scores"]) == 3
     assert front["scored_by"] == "the world's judges" and len(front["sft_rm_scores"]) == len(front["sft_judge_scores"]) == 2
     assert front["n_prompts"] == min(100, len(W.prompts("eval", 1337)))  # --eval_prompts 100 by default
@@ -136,7 +142,7 @@ def test_dpo_end_to_end(base, tmp_path):
     p = train(base, out, "--algo", "dpo", "--rl_iters", "4")
     assert "dpo" in p.stdout
     front = load_front(out)
-    assert set(front) == FRONT_KEYS and front["cost"]["update_steps"] == 4 * 2
+    assert set(front) == FRONT_KEYS and front["cost"]["update_steps"] == 4 * 2  # no KL ceiling for DPO
 
 
 def test_three_objectives_end_to_end(base, tmp_path):
@@ -208,4 +214,4 @@ def test_two_process_ddp_runs_every_stage_with_ranks_in_sync(tmp_path):
         for net in nets:
             assert f"ddp: {stage} {net} parameters identical on 2 ranks" in p.stdout, p.stdout
     front = load_front(tmp_path)
-    assert set(front) == FRONT_KEYS and front["cost"]["update_steps"] == 3 * 2
+    assert set(front) == FRONT_KEYS | CEILINGS and front["cost"]["update_steps"] == 3 * 2
