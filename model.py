@@ -13,9 +13,10 @@ Data flow:
 
 Two block types, chosen by GPTConfig.arch:
     "gpt"   (GPT-2): LayerNorm, learned positions, GELU MLP, one c_attn for q, k, v, biases.
-    "llama" (Llama, SmolLM2): RMSNorm, rotary positions (RoPE) on q and k, SwiGLU MLP,
-            grouped-query attention (n_kv_head < n_head key/value heads), no biases.
-GPT.from_pretrained loads a Llama-style GGUF file (SmolLM2-135M-Instruct); its tokenizer is in tokenizer.py.
+    "llama" (Llama, SmolLM2, Qwen2, Mistral): RMSNorm, rotary positions (RoPE) on q and k, SwiGLU MLP,
+            grouped-query attention (n_kv_head < n_head key/value heads), no biases (Qwen2: on q, k, v).
+GPT.from_pretrained loads a Llama-style GGUF file (SmolLM2-135M-Instruct) or a Hugging Face model directory
+(hf.py); their tokenizers are in tokenizer.py.
 
 generate() decodes with a KV cache: the keys and values of past positions are kept per layer, so
 each new token costs one position's forward pass instead of the whole context's. Prompts of
@@ -51,6 +52,7 @@ class GPTConfig:
     rope_theta: float = 10000.0  # llama: RoPE base
     norm_eps: float = 1e-5  # llama: RMSNorm epsilon
     tie_embeddings: bool = True  # LM head shares the token embedding matrix
+    qkv_bias: bool = False  # llama: biases on q, k and v (Qwen2)
 
 
 class KVCache:
@@ -89,7 +91,8 @@ class CausalSelfAttention(nn.Module):
         self.llama = config.arch == "llama"
         if self.llama:
             kv = self.n_kv_head * self.head_size  # k and v are narrower than q: grouped-query attention
-            self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(C, n, bias=False) for n in (C, kv, kv, C))
+            self.q_proj, self.k_proj, self.v_proj = (nn.Linear(C, n, bias=config.qkv_bias) for n in (C, kv, kv))
+            self.o_proj = nn.Linear(C, C, bias=False)
         else:
             self.c_attn = nn.Linear(C, 3 * C, bias=config.bias)  # q, k, v at once
             self.c_proj = nn.Linear(C, C, bias=config.bias)
@@ -196,8 +199,11 @@ class GPT(nn.Module):
         if pos is None:  # (with pos given, the caller keeps positions below block_size)
             assert t0 + T <= self.config.block_size, f"sequence of {t0 + T} exceeds block_size {self.config.block_size}"
             pos = torch.arange(t0, t0 + T, dtype=torch.long, device=idx.device)
-        rope = rope_cos_sin(pos, self.config) if self.config.arch == "llama" else None  # llama: positions rotate q, k
-        x = self.transformer.wte(idx) + (self.transformer.wpe(pos) if rope is None else 0)  # (B, T, n_embd)
+        x, rope = self.transformer.wte(idx), None  # (B, T, n_embd)
+        if self.config.arch == "llama":  # positions rotate q, k; the float32 tables are cast to the weights' dtype
+            rope = tuple(t.to(x.dtype) for t in rope_cos_sin(pos, self.config))
+        else:
+            x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i, mask, rope)
@@ -211,44 +217,25 @@ class GPT(nn.Module):
         return logits, loss
 
     @classmethod
-    def from_pretrained(cls, name_or_path="smollm2-135m-instruct", **overrides):
-        """A Llama-style model from a GGUF file (see open_gguf; its tokenizer: tokenizer.GGUFTokenizer), in float32.
-        overrides set GPTConfig fields, e.g. n_heads_out=2 for a critic on the pretrained body (fresh value head)."""
-        reader = open_gguf(name_or_path)
-        from gguf.quants import dequantize
-        arch = reader.fields["general.architecture"].contents()
-        meta = {k.split(".", 1)[1]: f.contents() for k, f in reader.fields.items() if k.startswith(arch + ".")}
-        tensors = {t.name: t for t in reader.tensors}
-        known = 9 * meta.get("block_count", 0) + 2 + ("output.weight" in tensors)  # 9 per block, embedding, final norm
-        if arch != "llama" or meta.get("rope.scaling.type", "none") != "none" or len(tensors) != known:
-            raise ValueError(f"{name_or_path}: only Llama-style GGUF models without biases or RoPE scaling load ({arch!r})")
-        config = GPTConfig(**{**dict(
-            arch="llama", block_size=meta["context_length"], vocab_size=int(tensors["token_embd.weight"].shape[1]),
-            n_layer=meta["block_count"], n_head=meta["attention.head_count"], n_embd=meta["embedding_length"], bias=False,
-            n_kv_head=meta.get("attention.head_count_kv", 0), n_hidden=meta["feed_forward_length"],
-            rope_theta=meta.get("rope.freq_base", 10000.0), norm_eps=meta["attention.layer_norm_rms_epsilon"],
-            tie_embeddings="output.weight" not in tensors), **overrides})
-        rope_heads = dict(attn_q=config.n_head, attn_k=config.n_kv_head or config.n_head)
-
-        def weight(name, kind=""):
-            t = tensors[name]
-            w = dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))  # (d_out, d_in)
-            if kind in rope_heads:  # llama.cpp stores q, k rows in interleaved-pair RoPE order: undo, for rotate-half
-                w = w.reshape(rope_heads[kind], -1, 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)  # (n, hs/2, 2, d_in)
-            return torch.from_numpy(np.array(w, dtype=np.float32))  # a copy: the file is a read-only memmap
-
-        names = dict(attn_norm="ln_1", ffn_norm="ln_2", attn_q="attn.q_proj", attn_k="attn.k_proj", attn_v="attn.v_proj",
-                     attn_output="attn.o_proj", ffn_gate="mlp.gate_proj", ffn_up="mlp.up_proj", ffn_down="mlp.down_proj")
-        sd = {f"transformer.h.{i}.{dst}.weight": weight(f"blk.{i}.{src}.weight", src)
-              for i in range(config.n_layer) for src, dst in names.items()}
-        sd["transformer.wte.weight"], sd["transformer.ln_f.weight"] = weight("token_embd.weight"), weight("output_norm.weight")
-        if "output.weight" in tensors and not config.n_heads_out:
-            sd["lm_head.weight"] = weight("output.weight")
+    def from_pretrained(cls, name_or_path="smollm2-135m-instruct", dtype=None, **overrides):
+        """A Llama-style model from a GGUF file (see open_gguf; its tokenizer: tokenizer.GGUFTokenizer) or from a
+        Hugging Face model directory (hf.read_pretrained; tokenizer.HFTokenizer), with weights in dtype (a torch
+        dtype; None: float32). overrides set GPTConfig fields, e.g. n_heads_out=2 for a critic on the pretrained
+        body (fresh value head)."""
+        if os.path.isdir(str(name_or_path)):
+            from hf import read_pretrained
+            config, sd = read_pretrained(name_or_path, overrides)
+        else:
+            config, sd = gguf_pretrained(name_or_path, overrides)
+        dtype = dtype or torch.float32
+        if config.n_heads_out or config.tie_embeddings:  # no LM head, or the embedding serves as one
+            sd.pop("lm_head.weight", None)
         with torch.device("meta"):  # skip the random init of weights the file overwrites
             model = cls(config)
-        _, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+        _, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
         if config.n_heads_out:
             model._init_weights(model.value_head.to_empty(device="cpu"))
+            model.value_head.to(dtype)
         elif config.tie_embeddings:  # assign=True replaced the shared parameter: tie again
             model.lm_head.weight = model.transformer.wte.weight
         assert not unexpected and not any(p.is_meta for p in model.parameters()), f"weights missing from {name_or_path}"
@@ -302,6 +289,42 @@ class GPT(nn.Module):
             if stop_token is not None and done.all():
                 break
         return idx
+
+
+def gguf_pretrained(name_or_path, overrides):
+    """(GPTConfig, state dict in float32) of a Llama-style GGUF file, q and k rows in rotate-half order."""
+    reader = open_gguf(name_or_path)
+    from gguf.quants import dequantize
+    arch = reader.fields["general.architecture"].contents()
+    meta = {k.split(".", 1)[1]: f.contents() for k, f in reader.fields.items() if k.startswith(arch + ".")}
+    tensors = {t.name: t for t in reader.tensors}
+    known = 9 * meta.get("block_count", 0) + 2 + ("output.weight" in tensors)  # 9 per block, embedding, final norm
+    if arch != "llama" or meta.get("rope.scaling.type", "none") != "none" or len(tensors) != known:
+        raise ValueError(f"{name_or_path}: only Llama-style GGUF models without biases or RoPE scaling load ({arch!r})")
+    config = GPTConfig(**{**dict(
+        arch="llama", block_size=meta["context_length"], vocab_size=int(tensors["token_embd.weight"].shape[1]),
+        n_layer=meta["block_count"], n_head=meta["attention.head_count"], n_embd=meta["embedding_length"], bias=False,
+        n_kv_head=meta.get("attention.head_count_kv", 0), n_hidden=meta["feed_forward_length"],
+        rope_theta=meta.get("rope.freq_base", 10000.0), norm_eps=meta["attention.layer_norm_rms_epsilon"],
+        tie_embeddings="output.weight" not in tensors), **overrides})
+    rope_heads = dict(attn_q=config.n_head, attn_k=config.n_kv_head or config.n_head)
+
+    def weight(name, kind=""):
+        t = tensors[name]
+        w = dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))  # (d_out, d_in)
+        if kind in rope_heads:  # llama.cpp stores q, k rows in interleaved-pair RoPE order: undo, for rotate-half
+            w = w.reshape(rope_heads[kind], -1, 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)  # (n, hs/2, 2, d_in)
+        return torch.from_numpy(np.array(w, dtype=np.float32))  # a copy: the file is a read-only memmap
+
+    names = dict(attn_norm="ln_1", ffn_norm="ln_2", attn_q="attn.q_proj", attn_k="attn.k_proj", attn_v="attn.v_proj",
+                 attn_output="attn.o_proj", ffn_gate="mlp.gate_proj", ffn_up="mlp.up_proj", ffn_down="mlp.down_proj")
+    sd = {f"transformer.h.{i}.{dst}.weight": weight(f"blk.{i}.{src}.weight", src)
+          for i in range(config.n_layer) for src, dst in names.items()}
+    sd["transformer.wte.weight"] = weight("token_embd.weight")
+    sd["transformer.ln_f.weight"] = weight("output_norm.weight")
+    if "output.weight" in tensors and not config.n_heads_out:
+        sd["lm_head.weight"] = weight("output.weight")
+    return config, sd
 
 
 @functools.lru_cache(maxsize=1)  # the model and the tokenizer read the same file: parse it once (seconds)
