@@ -69,7 +69,7 @@ try:
     else:
         config, files = hf.gpt2_files(tok, model_args)
     files.setdefault("generation_config.json", dict(eos_token_id=tok.eot, pad_token_id=tok.eot))
-    config["torch_dtype"] = args.dtype
+    config["dtype"] = config["torch_dtype"] = args.dtype  # (transformers 5 reads dtype, 4 torch_dtype)
     hf.write_dir(to, config, hf.hf_weights(sd, model_args), files, args.force)
 except (ValueError, ImportError, OSError) as e:
     fail(e)

@@ -29,7 +29,8 @@ SPECIALS = {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}
 TEXTS = ["Hello world", "It costs $1234.56, or 1,000,000 yen in 2024!", "a  b   c    d\t\te",
          "  leading and trailing  ", "café naïve résumé Ünïcödé 日本語 😀 Ελληνικά",
          "line1\nline2\n\n  indented\r\n\tx", "don't I'll we've THEY'RE", "<|im_start|>user\nhi<|im_end|>\n",
-         "def f(x):\n    return x ** 2  # square\n", " 12 345 6789  0", "<|im_start|><|im_end|>x<|endoftext|>", "cafe\u0301 \u212b"]  # (decomposed, and Angstrom)
+         "def f(x):\n    return x ** 2  # square\n", " 12 345 6789  0", "<|im_start|><|im_end|>x<|endoftext|>",
+         "cafe\u0301 \u212b"]  # (a decomposed accent, the Angstrom sign: NFC changes both)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -281,17 +282,23 @@ def test_tokenizers_tiktoken_cannot_reproduce_are_refused(smol, tmp_path, edits,
 # ----------------------------------------------------------------------------------------------
 # export.py
 
-def panacea_checkpoint(out, sft, held_out):
+def panacea_checkpoint(out, sft, held_out, method="panacea"):
     """OUT/panacea/ckpt.pt as train.py's stage_panacea writes it, without training: the SFT checkpoint
-    `sft` with an SVD-LoRA whose sigma and s are moved off zero (at zero the policy is the base)."""
+    `sft` with an SVD-LoRA whose sigma and s are moved off zero (at zero the policy is the base); a
+    baseline (method "dps") has one such plain adapter per fixed preference."""
     torch.manual_seed(1)
-    policy = build.adapted_policy(sft, 2, True, 2, 4.0, "cpu")
-    with torch.no_grad():
-        for layer in lora_layers(policy):
-            layer.lora_sigma.normal_(0.0, 4.0), layer.lora_s.fill_(8.0)
-    ck = dict(method="panacea", objectives=["helpful", "harmless"], fixed_prefs=fixed_prefs("panacea", 2),
-              lora_rank=2, lora_alpha=4.0, base=sft, adapters=[lora_state_dict(policy)], finished=True, world=True,
-              held_out=held_out, update_steps=0, seconds=0.0, run=1, iter_num=0)
+    fixed, adapters = fixed_prefs(method, 2, 3), []
+    for lam in fixed:
+        policy = build.adapted_policy(sft, 2, lam is None, 2, 4.0, "cpu")
+        with torch.no_grad():
+            for layer in lora_layers(policy):
+                layer.lora_sigma.normal_(0.0, 4.0)
+                if layer.lora_s is not None:
+                    layer.lora_s.fill_(8.0)
+        adapters.append(lora_state_dict(policy))
+    ck = dict(method=method, objectives=["helpful", "harmless"], fixed_prefs=fixed, lora_rank=2, lora_alpha=4.0,
+              base=sft, adapters=adapters, finished=True, world=True, held_out=held_out, update_steps=0,
+              seconds=0.0, run=len(fixed), iter_num=0)
     os.makedirs(os.path.join(out, "panacea"))
     torch.save(ck, os.path.join(out, "panacea", "ckpt.pt"))
     return ck
@@ -303,17 +310,17 @@ def sft_checkpoint(model, spec):
 
 
 @torch.no_grad()
-def exported_logits_equal_policy_at(ck, out, to, seqs, *flags):
-    """Export at lambda = (0.2, 0.8); transformers' logits of the export on seqs (lists of ids) equal policy_at's."""
-    run("export.py", "--out_dir", out, "--pref", "0.2,0.8", "--to", to, *flags)
+def exported_logits_equal_policy_at(ck, out, to, seqs, *flags, prefs=((0.2, 0.8), (0.8, 0.2))):
+    """Export at lambda = prefs[0]; transformers' logits of the export on seqs (lists of ids) equal policy_at's."""
+    run("export.py", "--out_dir", out, "--pref", ",".join(map(str, prefs[0])), "--to", to, *flags)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(to).eval()
     idx = torch.tensor([s[: min(map(len, seqs))] for s in seqs])
     expected = theirs(idx).logits
-    at = {p: build.policy_at(ck["base"], ck, list(p), "cpu")[0](idx)[0] for p in ((0.2, 0.8), (0.8, 0.2))}
+    at = [build.policy_at(ck["base"], ck, list(p), "cpu")[0](idx)[0] for p in prefs]
     base = build.load_gpt(ck["base"], "cpu").eval()(idx)[0]
-    assert (at[0.2, 0.8] - expected).abs().max() <= 1e-4
+    assert (at[0] - expected).abs().max() <= 1e-4
     # lambda is in the weights: another lambda, or the base, computes something else
-    assert (at[0.8, 0.2] - expected).abs().max() > 1e-2 and (base - expected).abs().max() > 1e-2
+    assert (at[1] - expected).abs().max() > 1e-2 and (base - expected).abs().max() > 1e-2
     return theirs
 
 
@@ -394,6 +401,17 @@ def test_export_of_the_worlds_gpt(tmp_path):
         policy = build.policy_at(ck["base"], ck, [0.2, 0.8], "cpu")[0]
         ours = policy.generate(idx, 40, temperature=0.0, stop_token=tok.eot)
     assert torch.equal(out, ours) and int(out.max()) < tok.vocab_size
+
+
+def test_export_of_a_dps_model_folds_its_adapter_in(tmp_path):
+    tok = world.Tokenizer()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=96, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, bias=False))
+    ck = panacea_checkpoint(str(tmp_path / "out"), sft_checkpoint(model, {"gpt2_ids": tok.gpt2_ids}), ["Hi?"], "dps")
+    assert len(ck["adapters"]) == 3 and ck["fixed_prefs"][1] == [0.5, 0.5]
+    seqs = [tok.encode(world.chat(p)) for _, p in world.prompts("eval")[:3]]  # (GPT-2 gets zero biases)
+    out, to = str(tmp_path / "out"), str(tmp_path / "x")
+    exported_logits_equal_policy_at(ck, out, to, seqs, prefs=((0.5, 0.5), (1.0, 0.0)))  # (a grid point, and another)
 
 
 def test_export_refuses_bad_input_with_one_line(tmp_path):
