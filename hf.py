@@ -80,7 +80,7 @@ def sliding_window(cfg, refuse):
 
 def read_tensors(path):
     """{name: tensor} of model.safetensors, or of every shard its index names."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         files = sorted(set(read_json(index)["weight_map"].values()))
@@ -93,8 +93,11 @@ def read_tensors(path):
     for name in files:
         if not os.path.exists(os.path.join(path, name)):
             raise ValueError(f"{path}: the shard {name} is missing")
-        with safe_open(os.path.join(path, name), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
+        try:
+            with safe_open(os.path.join(path, name), framework="pt") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys()})
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"{path}: cannot read {name} ({e})") from None
     return out
 
 

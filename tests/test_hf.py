@@ -134,6 +134,29 @@ def test_dtype_and_value_heads(tmp_path):
     assert critic.config.block_size == 64 and not hasattr(critic, "lm_head")
 
 
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+            "{{ raise_exception('no system turn') }}{% elif m['role'] == 'assistant' %}"
+            "{% generation %}{{ m['content'] | trim }}{% endgeneration %}<|im_end|>"
+            "{% else %}<|im_start|>{{ m['content'] | tojson }}\n{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_chat_templates_render_as_transformers_renders_them(tmp_path):
+    files = byte_tokenizer_files()
+    config = {**files["tokenizer_config.json"], "bos_token": "<|endoftext|>"}
+    write_files(tmp_path, {**files, "tokenizer_config.json": config, "chat_template.jinja": TEMPLATE})
+    ours, theirs = HFTokenizer(str(tmp_path)), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for prompt in ("Hi", 'say "é"\n', "  spaced  "):  # (chat_template.jinja wins over tokenizer_config.json's)
+        assert ours.chat(prompt) == chat_of(theirs, prompt)
+        assert ours.chat(prompt).startswith('<|endoftext|><|im_start|>"')
+    assert ours.eot == SPECIALS["<|im_end|>"]  # what the template writes after an answer
+    with pytest.raises(ValueError, match="refused the conversation \\(no system turn\\)"):
+        ours.chat("Hi", system="Be brief.")
+    write_files(tmp_path, {"chat_template.jinja": "{% for m in messages %}{{ m['content'] }"})
+    with pytest.raises(ValueError, match="does not compile"):
+        HFTokenizer(str(tmp_path))
+
+
 def write_config(path, **edits):
     """A config.json of a tiny Llama (the checks run before any weights are read), with edits."""
     os.makedirs(path, exist_ok=True)
@@ -183,6 +206,9 @@ def test_missing_and_extra_tensors_are_named(tmp_path):
         GPT.from_pretrained(str(tmp_path))
     save_file({k: v for k, v in sd.items() if k != "lm_head.weight"}, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="lm_head.weight is missing"):  # untied: the head is needed
+        GPT.from_pretrained(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="cannot read model.safetensors"):
         GPT.from_pretrained(str(tmp_path))
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="no model.safetensors"):
