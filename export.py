@@ -14,21 +14,18 @@ and a Rewarded Soups model is one set of weights already. What is written depend
                                                  the chat template "User: {prompt}\\nAssistant:"
 The directory is written as DIR.tmp and renamed to DIR when complete.
 """
-import argparse
 import os
-import sys
 
 import torch
 
-import data
 import hf
-import tokenizer
-from build import policy_at
+from build import load_trained, policy_at
+from cli import Parser, fail
 from panacea import parse_pref
 from svd_lora import merge
+from tokenizer import load as load_tokenizer
 
-p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-p.error = lambda msg: p.exit(2, f"error: {msg} (see --help)\n")  # one line, no usage dump
+p = Parser(__doc__.split("\n")[1])
 p.add_argument("--out_dir", default="out")
 p.add_argument("--pref", required=True, help="one weight per objective, e.g. 0.2,0.8 (normalised to sum to 1)")
 p.add_argument("--to", required=True, help="the directory to write")
@@ -36,32 +33,18 @@ p.add_argument("--force", action="store_true", help="replace --to if it exists a
 p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="of the written weights")
 args = p.parse_args()
 
-
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
-
-
 to = os.path.normpath(args.to)
 if os.path.exists(to) and not (os.path.isdir(to) and (args.force or not os.listdir(to))):
     fail(f"{to} exists and is not " + ("empty (--force replaces it)" if os.path.isdir(to) else "a directory"))
-path = os.path.join(args.out_dir, "panacea", "ckpt.pt")
-if not os.path.exists(path):
-    fail(f"no trained model at {path}: run python train.py --out_dir {args.out_dir} first")
 try:
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-except Exception as e:
-    fail(f"cannot read {path} ({type(e).__name__}); train again or point --out_dir elsewhere")
-if not ck.get("finished"):
-    fail(f"{path} is unfinished: run python train.py --out_dir {args.out_dir} to complete it")
-model_args, spec = ck["base"]["model_args"], ck["base"]["tokenizer"]
-try:
+    ck = load_trained(args.out_dir, "cpu")
+    model_args, spec = ck["base"]["model_args"], ck["base"]["tokenizer"]
     pref = parse_pref(args.pref, ck["objectives"])
     model, _ = policy_at(ck["base"], ck, pref.tolist(), "cpu")
     merge(model)  # W0 + Delta W(lambda); the adapters' own factors are then left out
     sd = {k.replace(".base.", "."): v.to(getattr(torch, args.dtype))
           for k, v in model.state_dict().items() if ".lora_" not in k}
-    tok = data.tokenizer(spec) if "gpt2_ids" in spec else tokenizer.load(spec)
+    tok = load_tokenizer(spec)
     if "hf" in spec:
         config, files = hf.source_files(spec["hf"], model_args)
     elif "gguf" in spec:

@@ -1,7 +1,7 @@
 """
 Trains Panacea stage by stage (--stage all = sft,rm,panacea,eval); each stage's loop is written out below.
     sft      a language model on the SFT corpus, loss on response tokens   -> BASE_DIR/sft/ckpt.pt
-             (a GPT from scratch, or --init_from a pretrained model: smollm2-135m-instruct or a .gguf file)
+             (a GPT from scratch, or --init_from a pretrained model: a Hugging Face directory or a GGUF file)
     rm       SFT trunk + one scalar head per objective, Bradley-Terry loss -> BASE_DIR/rm/ckpt.pt
     panacea  SFT model + SVD-LoRA conditioned on lambda, by PPO or DPO     -> OUT_DIR/panacea/ckpt.pt
              (--method rs|dps trains the paper's baselines with the same algorithm and budget)
@@ -64,7 +64,8 @@ g.add_argument("--eval_interval", type=positive_int, default=250, help="SFT / re
 g.add_argument("--ckpt_interval", type=positive_int, default=20, help="iterations between checkpoints (every stage)")
 g = p.add_argument_group("sft")
 g.add_argument("--seed", type=int, default=1337)
-g.add_argument("--init_from", default=None, help="smollm2-135m-instruct or a Llama-style .gguf path")
+g.add_argument("--init_from", default=None, help="a Hugging Face model directory (Llama, Qwen2, Mistral), "
+               "a Llama-style .gguf path or smollm2-135m-instruct")
 g.add_argument("--n_layer", type=positive_int, default=4)
 g.add_argument("--n_head", type=positive_int, default=4)
 g.add_argument("--n_embd", type=positive_int, default=128)
@@ -413,7 +414,9 @@ def main():
                                 args.label_temperature, write=rank == 0)
         if world_size > 1:
             dist.barrier()
-        tok = load_tokenizer({"gguf": args.init_from} if args.init_from else source.tokenizer_spec())
+        pretrained = {"hf": os.path.abspath(args.init_from)} if os.path.isdir(str(args.init_from)) else \
+            {"gguf": args.init_from}
+        tok = load_tokenizer(pretrained if args.init_from else source.tokenizer_spec())
     except (ImportError, ValueError) as e:
         fail(e)
     objectives = args.objectives.split(",") if args.objectives else source.default_objectives

@@ -20,6 +20,7 @@ import world
 from model import GPT, GPTConfig
 from panacea import fixed_prefs
 from svd_lora import lora_layers, lora_state_dict
+from conftest import world_tokenizer
 from test_train import one_line_error, run
 from tokenizer import DEFAULT_SYSTEM, PRETOKENIZERS, GGUFTokenizer, HFTokenizer, load
 
@@ -400,7 +401,7 @@ def test_smollm2_vocabulary_as_tokenizer_json_equals_our_gguf_tokenizer(tmp_path
 
 
 def test_export_of_the_worlds_gpt(tmp_path):
-    tok = world.Tokenizer()
+    tok = world_tokenizer()
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=96, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32))
     held = [p for _, p in world.prompts("eval")]
@@ -408,7 +409,7 @@ def test_export_of_the_worlds_gpt(tmp_path):
     responses = [r["response"] for r in world.sft_corpus(30, seed=3)]
     to = str(tmp_path / "export")
     write_files(to, {"old.txt": "replaced"})
-    seqs = [tok.encode(world.chat(p)) + tok.encode(r) for p, r in zip(held, responses)]
+    seqs = [tok.encode(tok.chat(p)) + tok.encode(r) for p, r in zip(held, responses)]
     theirs = exported_logits_equal_policy_at(ck, str(tmp_path / "out"), to, seqs[:4], "--force")
     assert type(theirs).__name__ == "GPT2LMHeadModel" and theirs.config.n_positions == 96
     assert sorted(os.listdir(to)) == ["chat_template.jinja", "config.json", "generation_config.json",
@@ -416,12 +417,12 @@ def test_export_of_the_worlds_gpt(tmp_path):
     assert not os.path.exists(to + ".tmp")
     exported = transformers.AutoTokenizer.from_pretrained(to)
     for p in held:
-        assert chat_of(exported, p) == world.chat(p)
-        assert exported.encode(world.chat(p), add_special_tokens=False) == tok.encode(world.chat(p))
+        assert chat_of(exported, p) == tok.chat(p)
+        assert exported.encode(tok.chat(p), add_special_tokens=False) == tok.encode(tok.chat(p))
     for r in responses:
         assert exported.encode(r, add_special_tokens=False) == tok.encode(r)
     assert exported.eos_token_id == tok.eot and exported.decode(tok.encode(responses[0])) == responses[0]
-    idx = torch.tensor([tok.encode(world.chat(held[0]))])
+    idx = torch.tensor([tok.encode(tok.chat(held[0]))])
     with torch.no_grad():  # greedy decoding of the export equals ours; it can only produce the model's V ids
         out = theirs.generate(idx, max_new_tokens=40, do_sample=False)  # (stops at its end-of-text, as ours does)
         policy = build.policy_at(ck["base"], ck, [0.2, 0.8], "cpu")[0]
@@ -430,12 +431,12 @@ def test_export_of_the_worlds_gpt(tmp_path):
 
 
 def test_export_of_a_dps_model_folds_its_adapter_in(tmp_path):
-    tok = world.Tokenizer()
+    tok = world_tokenizer()
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=96, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, bias=False))
     ck = panacea_checkpoint(str(tmp_path / "out"), sft_checkpoint(model, {"gpt2_ids": tok.gpt2_ids}), ["Hi?"], "dps")
     assert len(ck["adapters"]) == 3 and ck["fixed_prefs"][1] == [0.5, 0.5]
-    seqs = [tok.encode(world.chat(p)) for _, p in world.prompts("eval")[:3]]  # (GPT-2 gets zero biases)
+    seqs = [tok.encode(tok.chat(p)) for _, p in world.prompts("eval")[:3]]  # (GPT-2 gets zero biases)
     out, to = str(tmp_path / "out"), str(tmp_path / "x")
     exported_logits_equal_policy_at(ck, out, to, seqs, prefs=((0.5, 0.5), (1.0, 0.0)))  # (a grid point, and another)
 
@@ -447,7 +448,7 @@ def test_export_refuses_bad_input_with_one_line(tmp_path):
         return one_line_error(run("export.py", "--out_dir", out, "--to", to, *flags, check=False))
 
     assert "no trained model" in export_error("--pref", "1,1")
-    tok = world.Tokenizer()
+    tok = world_tokenizer()
     model = GPT(GPTConfig(block_size=96, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16))
     ck = panacea_checkpoint(out, sft_checkpoint(model, {"gpt2_ids": tok.gpt2_ids}), ["Hi?"])
     assert "--pref takes 2 comma-separated numbers" in export_error("--pref", "0.5,x") and not os.path.exists(to)
@@ -455,3 +456,25 @@ def test_export_refuses_bad_input_with_one_line(tmp_path):
     assert "not empty (--force replaces it)" in export_error("--pref", "1,0") and os.listdir(to) == ["keep.txt"]
     torch.save(dict(ck, finished=False), os.path.join(out, "panacea", "ckpt.pt"))
     assert "is unfinished" in export_error("--pref", "1,0", "--force")
+
+
+def test_train_runs_every_stage_from_a_hugging_face_directory_and_its_export_loads(tmp_path):
+    """The README's two commands for your own pretrained model: train.py --init_from DIR (every stage, on the
+    directory's tokenizer and chat template), then export.py at a preference, which transformers loads."""
+    from test_init_from import TINY_RUN
+    base, out, to = str(tmp_path / "base"), str(tmp_path / "run"), str(tmp_path / "export")
+    save_tiny(base, "llama")
+    tiny = [*TINY_RUN, "--sft_iters", "80", "--learning_rate", "1e-2", "--max_new_tokens", "128", "--n_stat_samples", "32"]
+    p = run("train.py", "--out_dir", out, "--init_from", base, *tiny)
+    assert "held-out pair accuracy" in p.stdout and "panacea iter 2" in p.stdout and "hypervolume" in p.stdout
+    ck = torch.load(os.path.join(out, "panacea", "ckpt.pt"), weights_only=True)
+    assert ck["base"]["tokenizer"] == {"hf": os.path.abspath(base)} and ck["base"]["model_args"]["arch"] == "llama"
+    tok = HFTokenizer(base)
+    seqs = [tok.encode(tok.chat(q)) for q in ck["held_out"][:3]]
+    run("export.py", "--out_dir", out, "--pref", "0.2,0.8", "--to", to)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(to).eval()
+    idx = torch.tensor([s[: min(map(len, seqs))] for s in seqs])
+    with torch.no_grad():
+        ours = build.policy_at(ck["base"], ck, [0.2, 0.8], "cpu")[0](idx)[0]
+        assert (ours - theirs(idx).logits).abs().max() <= 1e-4
+    assert chat_of(transformers.AutoTokenizer.from_pretrained(to), "Hi?") == tok.chat("Hi?")
