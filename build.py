@@ -21,19 +21,20 @@ from model import GPT, GPTConfig
 from svd_lora import inject_svd_lora, lora_layers, set_preference
 
 
-def load_gpt(ck, device, n_heads_out=0):
-    """A GPT with the SFT checkpoint's weights (an LM, or a trunk with fresh scalar heads)."""
+def load_gpt(ck, device, n_heads_out=0, dtype=None):
+    """A GPT with the SFT checkpoint's weights (an LM, or a trunk with fresh scalar heads), in dtype
+    (None: as stored; bfloat16 halves a frozen copy's memory, as the Panacea stage's are on a GPU)."""
     model = GPT(GPTConfig(**ck["model_args"], n_heads_out=n_heads_out)).to(device)
     state = {k: v for k, v in ck["model"].items() if not k.startswith("lm_head")} if n_heads_out else ck["model"]
     model.load_state_dict(state, strict=not n_heads_out)
-    return model
+    return model.to(dtype) if dtype is not None else model
 
 
-def adapted_policy(sft_ck, m, conditioned, rank, alpha, device):
-    """SFT model + adapter: Panacea's SVD-LoRA with k + m singular values, m of them lambda; the
-    baselines an ordinary low-rank adapter of the same rank k + m (no preference slots)."""
+def adapted_policy(sft_ck, m, conditioned, rank, alpha, device, dtype=None):
+    """SFT model (frozen, in dtype) + adapter (float32): Panacea's SVD-LoRA with k + m singular values, m
+    of them lambda; the baselines an ordinary low-rank adapter of the same rank k + m (no preference slots)."""
     pd = m if conditioned else 0
-    return inject_svd_lora(load_gpt(sft_ck, device), rank + m - pd, pd, lora_alpha(rank, m, pd, alpha))
+    return inject_svd_lora(load_gpt(sft_ck, device, dtype=dtype), rank + m - pd, pd, lora_alpha(rank, m, pd, alpha))
 
 
 def lora_alpha(rank, m, pref_dim, alpha):
@@ -42,11 +43,13 @@ def lora_alpha(rank, m, pref_dim, alpha):
     return alpha * (rank + m - pref_dim) / rank
 
 
-def critic_model(sft_ck, rm_ck, m, conditioned, rank, alpha, device):
-    """The PPO critic: the reward model's trunk with its own SVD-LoRA (conditioned like the policy)
-    and a fresh, zero-initialised, trainable value head per objective."""
+def critic_model(sft_ck, rm_ck, m, conditioned, rank, alpha, device, dtype=None):
+    """The PPO critic: the reward model's trunk (frozen, in dtype) with its own SVD-LoRA (conditioned like
+    the policy) and a fresh, zero-initialised, trainable float32 value head per objective."""
     critic = GPT(GPTConfig(**sft_ck["model_args"], n_heads_out=m)).to(device)
     critic.load_state_dict({k: v for k, v in rm_ck["model"].items() if not k.startswith("value_head")}, strict=False)
+    critic = critic.to(dtype) if dtype is not None else critic
+    critic.value_head.float()
     torch.nn.init.zeros_(critic.value_head.weight)
     torch.nn.init.zeros_(critic.value_head.bias)
     pd = m if conditioned else 0
@@ -95,8 +98,8 @@ def policy_at(sft_ck, pol_ck, pref, device):
     return trained_model(sft_ck, pol_ck, j, device), False
 
 
-def load_reward_model(rm_ck, sft_ck, objectives, device):
-    """The reward model with its heads restricted to `objectives`, and their standardisation stats."""
+def load_reward_model(rm_ck, sft_ck, objectives, device, dtype=None):
+    """The reward model (in dtype) with its heads restricted to `objectives`, and their standardisation stats."""
     heads = [rm_ck["objectives"].index(o) for o in objectives]
     rm = GPT(GPTConfig(**sft_ck["model_args"], n_heads_out=len(rm_ck["objectives"]))).to(device)
     rm.load_state_dict(rm_ck["model"])
@@ -105,6 +108,7 @@ def load_reward_model(rm_ck, sft_ck, objectives, device):
         head.weight.copy_(rm.value_head.weight[heads])
         head.bias.copy_(rm.value_head.bias[heads])
     rm.value_head = head
+    rm = rm.to(dtype) if dtype is not None else rm
     return rm.eval(), {k: v[heads].to(device) for k, v in rm_ck["stats"].items()}
 
 

@@ -35,9 +35,12 @@ def parse_pref(text, objectives):
     return p / p.sum()
 
 
-def sample_prefs(n, m, vertex_prob=0.3, generator=None):
+def sample_prefs(n, m, vertex_prob=0.3, generator=None, group=1):
     """(n, m) preferences: with probability vertex_prob a uniformly chosen vertex (one objective
-    only, as the paper favours the extremes), else Dirichlet(1) = normalised Exp(1) draws."""
+    only, as the paper favours the extremes), else Dirichlet(1) = normalised Exp(1) draws; one draw
+    for each group of `group` consecutive rows (n a multiple of group)."""
+    if group > 1:
+        return sample_prefs(n // group, m, vertex_prob, generator).repeat_interleave(group, 0)
     u = torch.rand(n, generator=generator)
     vertices = torch.eye(m)[torch.randint(m, (n,), generator=generator)]
     dirichlet = -torch.log(torch.rand(n, m, generator=generator).clamp_min(1e-12))

@@ -107,13 +107,15 @@ def reward_model_loss(model, batch):
 
 
 @torch.no_grad()
-def pair_accuracy(model, batch):
-    """(correct, count) per head over a batch of pairs: the model orders a pair as its label does (ties left out)."""
-    tokens, _, slen, winners = batch
-    r = last_token_values(model, tokens, slen).float()
-    labelled = winners >= 0
-    correct = ((r[: winners.size(0)] > r[winners.size(0):]) == (winners == 0)) & labelled
-    return correct.sum(0), labelled.sum(0)
+def pair_accuracy(model, batches):
+    """(correct, count) per head over batches of pairs: the model orders a pair as its label does (ties left out)."""
+    correct = count = 0
+    for tokens, _, slen, winners in batches:
+        r = last_token_values(model, tokens, slen).float()
+        labelled = winners >= 0
+        correct = correct + (((r[: winners.size(0)] > r[winners.size(0):]) == (winners == 0)) & labelled).sum(0)
+        count = count + labelled.sum(0)
+    return correct, count
 
 
 def dpo_losses(logratio_0, logratio_1, winners, beta):

@@ -102,6 +102,8 @@ g.add_argument("--rollout_batch", type=positive_int, default=64, help="prompts p
 g.add_argument("--pref_group", type=positive_int, default=8, help="sequences (DPO: pairs) that share one lambda draw")
 g.add_argument("--minibatch_size", type=positive_int, default=PPOConfig.minibatch_size)
 g.add_argument("--epochs", type=positive_int, default=PPOConfig.epochs, help="passes over each iteration's batch")
+g.add_argument("--dps_points", type=checked(int, 2, name="a whole number >= 2"), default=5,
+               help="DPS grid size (m >= 3: the smallest simplex lattice that large)")
 g = p.add_argument_group("ppo")
 g.add_argument("--kl_coef", type=nonnegative, default=PPOConfig.kl_coef)
 g.add_argument("--clip", type=positive, default=PPOConfig.clip)
@@ -111,9 +113,6 @@ g.add_argument("--gae_lambda", type=probability, default=PPOConfig.gae_lambda)
 g.add_argument("--temperature", type=positive, default=PPOConfig.temperature, help="rollout sampling temperature")
 g = p.add_argument_group("dpo")
 g.add_argument("--dpo_beta", type=positive, default=DPOConfig.dpo_beta)
-g = p.add_argument_group("dps")
-g.add_argument("--dps_points", type=checked(int, 2, name="a whole number >= 2"), default=5,
-               help="DPS grid size (m >= 3: the smallest simplex lattice that large)")
 g = p.add_argument_group("eval")
 g.add_argument("--eval_divisions", type=positive_int, default=None, help="lambda grid step 1/d (m = 2: 10, else 4)")
 g.add_argument("--eval_temperature", type=nonnegative, default=0.0, help="0 = greedy")
@@ -198,11 +197,10 @@ def train_sft(source, tok, resume):
     targets = torch.where(response_mask(plen, slen, tokens.size(1)).bool(), tokens[:, 1:], -1)  # (N, T-1)
     torch.manual_seed(args.seed + rank)
     try:
-        if args.init_from:
-            model = GPT.from_pretrained(args.init_from, block_size=args.block_size, dropout=args.dropout).to(device)
-        else:
-            cfg = GPTConfig(args.block_size, tok.vocab_size, args.n_layer, args.n_head, args.n_embd, args.dropout)
-            model = GPT(cfg).to(device)
+        scratch = GPTConfig(args.block_size, tok.vocab_size, args.n_layer, args.n_head, args.n_embd, args.dropout)
+        model = GPT.from_pretrained(args.init_from, block_size=args.block_size, dropout=args.dropout) \
+            if args.init_from else GPT(scratch)
+        model = model.to(device)
     except (ImportError, ValueError) as e:
         fail(e)
     opt = model.configure_optimizers(args.weight_decay, args.learning_rate, (0.9, 0.95), device_type)
@@ -262,11 +260,9 @@ def train_rm(source, tok, sft, resume):
     common.check_sync("rm model", model)
     model.eval()
     eval_pairs = encoded(data.pair_tensors, source, tok, "eval", heads)  # the world's: against noiseless judges
-    correct = count = 0
-    with autocast:
-        for ix in torch.arange(len(eval_pairs[3]))[rank::world_size].split(256):
-            c, n = pair_accuracy(model, data.pair_batch(eval_pairs, ix, device))
-            correct, count = correct + c, count + n
+    with autocast:  # this process's share of the pairs, in batches of 256
+        ix = torch.arange(len(eval_pairs[3]))[rank::world_size]
+        correct, count = pair_accuracy(model, (data.pair_batch(eval_pairs, b, device) for b in ix.split(256)))
     acc = (all_reduce(correct, device) / all_reduce(count, device)).tolist()
     print0("rm: held-out pair accuracy " + ", ".join(f"{o} {a:.3f}" for o, a in zip(heads, acc)))
     torch.manual_seed(args.seed + rank)  # the statistics: every head on the SFT policy's samples (train prompts)
@@ -292,8 +288,7 @@ def draw_prefs(fixed, m):
     """(rollout_batch, m) preferences of one iteration. Algorithm 1: Panacea draws one lambda per group of
     pref_group sequences (DPO: pairs), kept for everything the batch touches; a baseline: its fixed lambda."""
     if fixed is None:
-        groups = sample_prefs(args.rollout_batch // args.pref_group, m, args.vertex_prob)  # (B / pref_group, m)
-        return groups.repeat_interleave(args.pref_group, 0)
+        return sample_prefs(args.rollout_batch, m, args.vertex_prob, group=args.pref_group)
     return torch.tensor(fixed).expand(args.rollout_batch, m)
 
 
@@ -357,14 +352,16 @@ def train_panacea(source, tok, sft, rm, resume):
     Every model is an independent run from the same seed: a baseline's model at lambda is exactly
     what plain LS training at that lambda gives (under DDP, DDP broadcasts rank 0's init)."""
     objectives, conditioned, ppo = config["objectives"], args.method == "panacea", args.algo == "ppo"
-    m, fixed = len(objectives), fixed_prefs(args.method, len(objectives), args.dps_points)
-    reward_model, stats = build.load_reward_model(rm, sft, objectives, device)
+    m, lora = len(objectives), (args.lora_rank, args.lora_alpha)
+    fixed = fixed_prefs(args.method, m, args.dps_points)
+    frozen = torch.bfloat16 if dtype == "bfloat16" else None  # the weights no step changes: half the memory
+    reward_model, stats = build.load_reward_model(rm, sft, objectives, device, frozen)
     pairs = None if ppo else encoded(data.pair_tensors, source, tok, "train", objectives)
     done = resume or dict(adapters=[], run=0, iter_num=0, update_steps=0, seconds=0.0)  # the models trained so far
     for j in range(done["run"], len(fixed)):
         torch.manual_seed(args.seed + 2 + rank)
-        policy = build.adapted_policy(sft, m, conditioned, args.lora_rank, args.lora_alpha, device)
-        critic = build.critic_model(sft, rm, m, conditioned, args.lora_rank, args.lora_alpha, device) if ppo else None
+        policy = build.adapted_policy(sft, m, conditioned, *lora, device, frozen)
+        critic = build.critic_model(sft, rm, m, conditioned, *lora, device, frozen) if ppo else None
         params = [q for net in (policy, critic) if net is not None for q in net.parameters() if q.requires_grad]
         opt = torch.optim.AdamW(params, lr=args.rl_lr, weight_decay=0.0)  # the adapters (and the critic's value heads)
         label = "panacea" if conditioned else f"{args.method} model {j + 1}/{len(fixed)} lambda={fixed[j]}"

@@ -438,3 +438,37 @@ def test_collect_advantages_update_keep_lambda_fixed_and_train_the_adapters(agg)
     (b1, s1, w1), (b2, s2, w2) = runs
     assert b1["texts"] == b2["texts"] and s1 == s2 and all(torch.equal(w1[k], w2[k]) for k in w1)
     assert any(t is not None for t in b1["texts"]) and any(t is None for t in b1["texts"])
+
+
+def test_frozen_weights_in_bfloat16_keep_the_trained_parts_in_float32():
+    """The Panacea stage's frozen copies (policy base, critic trunk, reward model) may be bfloat16 to halve
+    their memory (train.py does so on a GPU); what trains stays float32, and under autocast the model
+    computes what the float32 one does, to bfloat16 rounding."""
+    from build import adapted_policy, critic_model, load_reward_model
+    model = tiny_gpt(vocab_size=40)
+    args = dict(block_size=32, vocab_size=40, n_layer=2, n_head=2, n_embd=64)
+    sft = {"model": model.state_dict(), "model_args": args}
+    rm = {"model": tiny_gpt(n_heads_out=2, vocab_size=40).state_dict(), "objectives": ["a", "b"],
+          "stats": {k: torch.zeros(2) for k in ("mean", "std", "min", "max")}}
+    idx = torch.randint(40, (3, 10))
+    for build, extra in ((adapted_policy, (sft,)), (critic_model, (sft, rm))):
+        torch.manual_seed(0)
+        full = build(*extra, 2, True, 4, 8.0, "cpu")
+        torch.manual_seed(0)
+        half = build(*extra, 2, True, 4, 8.0, "cpu", torch.bfloat16)
+        trained = [q for q in half.parameters() if q.requires_grad]
+        assert trained and all(q.dtype == torch.float32 for q in trained)
+        assert all(q.dtype == torch.bfloat16 for q in half.parameters() if not q.requires_grad)
+        for net in (full, half):
+            for layer in lora_layers(net):
+                torch.nn.init.constant_(layer.lora_sigma, 1.0)
+                torch.nn.init.constant_(layer.lora_s, 2.0)
+            if hasattr(net, "value_head"):  # (zero at init: give the critic something to compute)
+                with torch.no_grad():
+                    net.value_head.weight.copy_(torch.linspace(-1, 1, net.value_head.weight.numel()).view_as(
+                        net.value_head.weight))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            a, b = full.eval()(idx)[0].float(), half.eval()(idx)[0].float()
+        assert a.abs().max() > 0.1 and (a - b).abs().max() < 0.05 * a.abs().max() + 0.05
+    reward_model, _ = load_reward_model(rm, sft, ["b"], "cpu", torch.bfloat16)
+    assert all(q.dtype == torch.bfloat16 for q in reward_model.parameters()) and reward_model.value_head.out_features == 1
