@@ -11,7 +11,7 @@ A source gives train.py, evaluate.py and sample.py everything that depends on th
     judge                    None, or judge(prompts, responses, objectives) -> (B, m) ground-truth scores
                              (the world's; a response None is unfinished and scores as malformed)
     well_formed              None, or well_formed(text) -> whether a response follows the world's grammar
-    digest()                 a hash of the files: a stage trained on other data is not reused
+    digest(stage)            a hash of the files a stage reads: a stage trained on other data is not reused
 
 Your own data (--data_dir DIR), one JSON object per line:
     DIR/pairs.jsonl          prompt, response_0, response_1 and <objective>_winner (0 or 1, -1 a tie) for
@@ -153,9 +153,11 @@ class Source:
     def limits(self, objectives, grid, standard, beta=None, reward=None):
         return None  # no judges, so no limits known
 
-    def digest(self):
+    def digest(self, stage="rm"):
+        """A hash of the files a stage reads ("sft": the SFT records, which are the pairs' winners when there
+        is no sft file; "rm" and later: all of them), so that a stage trained on other data is not reused."""
         h = hashlib.sha256()
-        for name in ("sft", "pairs", "pairs_eval"):
+        for name in ("sft",) if stage == "sft" and self.paths["sft"] else ("sft", "pairs", "pairs_eval"):
             if self.paths[name] is not None:
                 with open(self.paths[name], "rb") as f:
                     h.update(name.encode() + f.read())

@@ -129,9 +129,9 @@ config = vars(args)
 base_dir = args.base_dir or args.out_dir
 # The flags each stage's result depends on: its checkpoint records them, and a finished stage is
 # reused only when they match (a changed flag never reuses a stale result).
-SFT_KEYS = ["data", "seed", "init_from", "n_layer", "n_head", "n_embd", "block_size", "dropout", "sft_iters",
+SFT_KEYS = ["sft_data", "seed", "init_from", "n_layer", "n_head", "n_embd", "block_size", "dropout", "sft_iters",
             "batch_size", "learning_rate", "warmup_iters", "weight_decay", "grad_clip", "n_sft"]
-RM_KEYS = SFT_KEYS + ["rm_iters", "rm_batch_size", "rm_lr", "n_pairs", "label_temperature", "n_stat_samples",
+RM_KEYS = SFT_KEYS + ["data", "rm_iters", "rm_batch_size", "rm_lr", "n_pairs", "label_temperature", "n_stat_samples",
                       "max_new_tokens"]
 PANACEA_KEYS = RM_KEYS + ["objectives", "method", "algo", "agg", "tche_mu", "rl_iters", "lora_rank", "lora_alpha",
                           "rl_lr", "vertex_prob", "rollout_batch", "pref_group", "minibatch_size", "epochs"]
@@ -420,7 +420,7 @@ def main():
     if len(objectives) < 2 or len(set(objectives)) < len(objectives) or not set(objectives) <= set(source.objectives):
         fail(f"--objectives takes 2 or more distinct names of {', '.join(source.objectives)} ({source.describe}); "
              f"got {','.join(objectives)}")
-    config.update(objectives=objectives, data=source.digest())
+    config.update(objectives=objectives, sft_data=source.digest("sft"), data=source.digest())
     done = {}  # the stages' finished checkpoints
     for stage in [s for s in ("sft", "rm", "panacea") if s in args.stage]:
         prev, t0 = load_ckpt(stage), time.time()

@@ -259,11 +259,12 @@ def test_digest_changes_with_any_file_and_only_then(tmp_path):
         with open(path, "wb") as f:
             f.write(changed)
         assert data.own_data(d).digest() != first, name
+        assert (data.own_data(d).digest("sft") != data.own_data(NAMED).digest("sft")) == (name == "sft")  # SFT: its file
         with open(path, "wb") as f:
             f.write(orig)
         assert data.own_data(d).digest() == first, name
-    os.remove(os.path.join(d, "sft.jsonl"))  # the default SFT set is other data
-    assert data.own_data(d).digest() != first
+    os.remove(os.path.join(d, "sft.jsonl"))  # the default SFT set is other data, read from the pairs
+    assert data.own_data(d).digest() != first and data.own_data(d).digest("sft") == data.own_data(d).digest()
 
 
 # ----------------------------------------------------------------------------------------------
