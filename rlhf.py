@@ -290,10 +290,11 @@ def update(policy, critic, optimizer, batch, cfg):
             if batch["conditioned"]:
                 set_preference(policy, batch["prefs"][mb])
                 set_preference(critic, batch["prefs"][mb])
-            tokens, mask = batch["tokens"][mb], batch["mask"][mb]
+            T = int(batch["slen"][mb].max())  # the minibatch's longest sequence: no work on the padding after it
+            tokens, mask, a = batch["tokens"][mb, :T], batch["mask"][mb, : T - 1], (mb, slice(0, T - 1))
             logp = sequence_logprobs(policy, tokens, int(batch["plen"][mb].min()) - 1)
-            pg, clipfrac = policy_loss(logp, batch["logp"][mb], batch["adv"][mb], mask, cfg.clip)
-            vf = value_loss(critic(tokens)[0][:, :-1], batch["values"][mb], batch["returns"][mb], mask, cfg.clip_value)
+            pg, clipfrac = policy_loss(logp, batch["logp"][a], batch["adv"][a], mask, cfg.clip)
+            vf = value_loss(critic(tokens)[0][:, :-1], batch["values"][a], batch["returns"][a], mask, cfg.clip_value)
             optimizer_step(optimizer, pg + cfg.vf_coef * vf, cfg.grad_clip)
             for k, v in (("pg_loss", pg), ("vf_loss", vf), ("clipfrac", clipfrac)):
                 stats[k] += v.item()
