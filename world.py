@@ -281,7 +281,8 @@ def preference_pairs(n, split="train", temperature=0.1, corrupt_prob=0.1, flawed
     """n PKU-SafeRLHF-like records {"prompt", "response_0", "response_1", "<objective>_winner"}.
     Each winner id is drawn from the Bradley-Terry model P(0 wins) = sigmoid((J(r0) - J(r1)) / T);
     T = 0 gives noiseless labels, with -1 marking a tie (no preference). Two draws of the SFT
-    behaviour, or (neighbour_prob) a draw and its neighbour; beside them a fraction of responses has
+    behaviour, or (with probability neighbour_prob) a response drawn uniformly from its support, so
+    every number of steps as often, and a neighbour of it; beside them a fraction of responses has
     a wrong step (flawed) or is malformed (corrupted), so that reward models learn to punish what a
     policy might try."""
     rng, ps = random.Random(seed + 1), prompts(split, seed)
@@ -290,6 +291,7 @@ def preference_pairs(n, split="train", temperature=0.1, corrupt_prob=0.1, flawed
         t, p = rng.choice(ps)
         rs = [sample_response(t, rng) for _ in range(2)]
         if neighbour_prob and rng.random() < neighbour_prob:
+            rs[0] = rng.choice([r for _, r in behaviour(t)])
             rs[1] = neighbour(t, rs[0], rng)
         elif rs[0] == rs[1]:
             rs[1] = sample_response(t, rng)
