@@ -77,9 +77,9 @@ def rope_cos_sin(pos, config):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each pair (x_i, x_{i+hs/2}) of x (B, nh, T, hs) by its position's angle."""
+    """Rotate each pair (x_i, x_{i+hs/2}) of x (B, nh, T, hs) by its position's angle (bfloat16 stays bfloat16)."""
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
 class CausalSelfAttention(nn.Module):
