@@ -18,10 +18,10 @@ Two block types, chosen by GPTConfig.arch:
 GPT.from_pretrained loads a Llama-style GGUF file (SmolLM2-135M-Instruct) or a Hugging Face model directory
 (hf.py); their tokenizers are in tokenizer.py.
 
-generate() decodes with a KV cache: the keys and values of past positions are kept per layer, so
-each new token costs one position's forward pass instead of the whole context's. Prompts of
-different lengths are left-padded and batched: an attention mask hides the padding and each row's
-positions count from its first real token, so every row computes what it would alone.
+generate() decodes with a static KV cache (per layer one key and one value buffer, written in place), so each
+new token costs one position's forward pass instead of the whole context's. Prompts of different lengths are
+left-padded and batched: a mask hides the padding and each row's positions count from its first real token,
+so every row computes what it would alone.
 """
 import functools
 import importlib.util
@@ -56,13 +56,22 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of the positions seen so far: per layer a pair of (B, n_kv_head, T_past, head_size)."""
+    """Keys and values of one generation: per layer a key and a value buffer (B, n_kv_head, size, hs), allocated
+    at the first write in the keys' dtype (bfloat16 under autocast), then written in place at the columns at (T,)."""
 
-    def __init__(self, n_layer):
-        self.layers = [None] * n_layer
+    def __init__(self, n_layer, size, static=False):
+        self.size, self.static, self.at, self.k, self.v = size, static, None, [None] * n_layer, [None] * n_layer
 
-    def __len__(self):
-        return 0 if self.layers[0] is None else self.layers[0][0].size(2)
+    def write(self, layer, k, v):
+        """Store k, v (B, n_kv_head, T, hs) at the columns self.at; return the whole buffers."""
+        if self.k[layer] is None:
+            self.k[layer], self.v[layer] = (t.new_zeros(t.size(0), t.size(1), self.size, t.size(3)) for t in (k, v))
+            if self.static:  # compiled decoding: CUDA graphs keep these addresses and write them in place
+                for t in (self.k[layer], self.v[layer]):
+                    torch._dynamo.mark_static_address(t, guard=False)
+        self.k[layer].index_copy_(2, self.at, k)
+        self.v[layer].index_copy_(2, self.at, v)
+        return self.k[layer], self.v[layer]
 
 
 def rope_cos_sin(pos, config):
@@ -104,16 +113,11 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, -1, self.head_size).transpose(1, 2) for t in (q, k, v))  # (B, nh or n_kv_head, T, hs)
         if rope is not None:  # rotate before caching: cached keys keep their own positions
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            if cache.layers[layer] is not None:  # decoding: append to the cached keys and values
-                k = torch.cat([cache.layers[layer][0], k], dim=2)
-                v = torch.cat([cache.layers[layer][1], v], dim=2)
-            cache.layers[layer] = (k, v)
-        # without an explicit mask: causal, or (one new position after the cache) attend to everything
-        causal = mask is None and k.size(2) == T
-        assert mask is not None or causal or T == 1, "with a cache and no mask, decode one position at a time"
+        if cache is not None:  # the keys: the buffer's first mask.size(-1) columns (the mask hides padding)
+            k, v = cache.write(layer, k, v)  # (B, n_kv_head, cache.size, hs)
+            k, v = k[:, :, :mask.size(-1)], v[:, :, :mask.size(-1)]  # a view: no copy
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=causal, enable_gqa=self.n_kv_head != self.n_head)
+                                           is_causal=mask is None, enable_gqa=self.n_kv_head != self.n_head)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.o_proj(y) if self.llama else self.c_proj(y))
 
@@ -192,13 +196,12 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, cache=None, pos=None, mask=None, from_pos=0):
         """Logits (or values) at every position from from_pos on; with targets (-1 = ignored), also the
-        mean cross-entropy. With a cache, positions continue from the cached length. pos (B, T) and a
-        boolean attention mask (B, 1, T, T_keys) serve left-padded batches (see generate)."""
+        mean cross-entropy. pos (B, T) and a boolean attention mask (B, 1, T, T_keys) serve left-padded
+        batches; with a cache (KVCache) both are given and the keys are the cache's columns (see generate)."""
         B, T = idx.size()
-        t0 = len(cache) if cache is not None else 0
         if pos is None:  # (with pos given, the caller keeps positions below block_size)
-            assert t0 + T <= self.config.block_size, f"sequence of {t0 + T} exceeds block_size {self.config.block_size}"
-            pos = torch.arange(t0, t0 + T, dtype=torch.long, device=idx.device)
+            assert T <= self.config.block_size, f"sequence of {T} exceeds block_size {self.config.block_size}"
+            pos = torch.arange(T, dtype=torch.long, device=idx.device)
         x, rope = self.transformer.wte(idx), None  # (B, T, n_embd)
         if self.config.arch == "llama":  # positions rotate q, k; the float32 tables are cast to the weights' dtype
             rope = tuple(t.to(x.dtype) for t in rope_cos_sin(pos, self.config))
@@ -251,44 +254,66 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, stop_token=None, attention_mask=None):
-        """Continue every row of idx (B, T) by up to max_new_tokens tokens. temperature 0 is greedy.
-        With a stop_token, decoding ends once every row has produced it, and a row's tokens after
-        its first stop_token are stop_token too. use_cache=False recomputes the whole context at
-        every step (same tokens, slower). attention_mask (B, T), 0 on left padding, batches
-        prompts of different lengths. Rows stop at block_size real tokens (padding not counted)."""
-        cache = KVCache(self.config.n_layer) if use_cache else None
-        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        real = attention_mask.bool() if attention_mask is not None else None
-        length = int(real.sum(1).max()) if real is not None else idx.size(1)  # longest row, padding not counted
-        for _ in range(min(max_new_tokens, self.config.block_size - length)):
-            start = len(cache) if use_cache else 0  # the positions this step feeds in
-            pos = mask = None
-            if real is not None:
-                T = idx.size(1)
-                pos = (real.long().cumsum(1) - 1).clamp(min=0)[:, start:]  # (B, T_new): counted from the first real token
-                eye = torch.eye(T, dtype=torch.bool, device=idx.device)
-                # query i sees keys j <= i that are real (and itself, so padded queries stay finite)
-                mask = (torch.tril(torch.ones(T, T, dtype=torch.bool, device=idx.device)) & (real[:, None, :] | eye))[:, None, start:]
-            logits, _ = self(idx[:, start:], cache=cache, pos=pos, mask=mask)
-            logits = logits[:, -1, :]  # (B, vocab_size)
-            if temperature == 0.0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, stop_token=None,
+                 attention_mask=None, compile=False):
+        """Continue every row of idx (B, T) by up to max_new_tokens tokens; temperature 0 is greedy. With a stop_token,
+        decoding ends once every row has produced it, and a row's tokens after its first stop_token are stop_token
+        too. attention_mask (B, T), 0 on left padding, batches prompts of different lengths; rows stop at block_size
+        real tokens (padding not counted). use_cache=False recomputes the whole context at every step (same tokens,
+        slower); compile=True runs the decode step through torch.compile (on CUDA as a CUDA graph)."""
+        B, P = idx.size()
+        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(idx, dtype=torch.bool)
+        steps = max(0, min(max_new_tokens, self.config.block_size - int(real.sum(1).max())))  # the longest row's room
+        L, dev = P + steps, idx.device  # L columns: the prompts, then the new tokens
+        out, real = F.pad(idx, (0, steps)), F.pad(real, (0, steps), value=True)  # (B, L): new tokens are real
+        pos = (real.long().cumsum(1) - 1).clamp(min=0)  # (B, L): counted from each row's first real token
+        # query i sees the real keys j <= i, and itself so that padded queries stay finite: (B, 1, L, L)
+        eye = torch.eye(L, dtype=torch.bool, device=dev)
+        visible = (torch.ones_like(eye).tril() & (real[:, None, :] | eye))[:, None]
+        cols, done = torch.arange(L, device=dev), torch.zeros(B, dtype=torch.bool, device=dev)
+        cache = KVCache(self.config.n_layer, L, static=compile) if use_cache else None
+        decode = compiled_decode_step(dev.type) if compile else decode_step
+        for t in range(P, L):  # t: the column this step fills, from the columns before it
+            if cache is None:  # the reference: the whole context again
+                logits = self(out[:, :t], pos=pos[:, :t], mask=visible[:, :, :t, :t])[0][:, -1]
+            elif t == P:  # prefill: the prompts at once
+                cache.at = cols[:P]
+                logits = self(out[:, :P], cache=cache, pos=pos[:, :P], mask=visible[:, :, :P, :P], from_pos=P - 1)
+                logits = logits[0][:, -1]
+            else:  # decode column t - 1 against the keys of columns < t: eager, only those (half the bytes of
+                # the whole buffer on average); compiled, the whole buffer (the same shapes at every step)
+                cache.at, width = cols[t - 1:t], L if compile else t
+                logits = decode(self, cache, out[:, t - 1:t], pos[:, t - 1:t], visible[:, :, t - 1:t, :width])
+            nxt = sample(logits, temperature, top_k)  # (B,)
             if stop_token is not None:
                 nxt[done] = stop_token
-                done |= nxt[:, 0] == stop_token
-            idx = torch.cat((idx, nxt), dim=1)
-            if real is not None:
-                real = torch.cat((real, torch.ones_like(nxt, dtype=torch.bool)), dim=1)
+                done |= nxt == stop_token
+            out[:, t] = nxt
             if stop_token is not None and done.all():
-                break
-        return idx
+                return out[:, :t + 1]
+        return out
+
+
+def sample(logits, temperature, top_k):
+    """Next tokens (B,) from logits (B, vocab_size): argmax at temperature 0, else sampled from the top_k."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)[:, 0]
+
+
+def decode_step(model, cache, tok, pos, mask):
+    """Logits (B, vocab_size) after one column tok (B, 1) at positions pos (B, 1), keys visible by mask (B, 1, 1, L)."""
+    return model(tok, cache=cache, pos=pos, mask=mask)[0][:, -1]
+
+
+@functools.cache
+def compiled_decode_step(device_type):
+    """decode_step compiled once, traced per model and shape on its first step (on CUDA a CUDA graph, replayed)."""
+    return torch.compile(decode_step, mode="reduce-overhead" if device_type == "cuda" else None, dynamic=False)
 
 
 def gguf_pretrained(name_or_path, overrides):

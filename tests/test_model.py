@@ -1,9 +1,42 @@
+import shutil
+
+import pytest
 import torch
 import torch.nn.functional as F
 
+import model as model_module
 from conftest import tiny_gpt
-from model import KVCache, token_logprobs
-from svd_lora import inject_svd_lora, set_preference
+from model import GPT, GPTConfig, KVCache, decode_step, token_logprobs
+from svd_lora import inject_svd_lora, lora_layers, set_preference
+
+
+def tiny(arch, seed=0, lora=False):
+    """A tiny random model of either block type (llama: grouped-query attention, 2 key/value heads for 4)."""
+    torch.manual_seed(seed)
+    llama = dict(n_kv_head=2, n_hidden=96, bias=False, rope_theta=100.0) if arch == "llama" else {}
+    model = GPT(GPTConfig(arch=arch, block_size=32, vocab_size=50, n_layer=2, n_head=4, n_embd=64, **llama)).eval()
+    if lora:  # trained-looking adapters, so that each row's preference changes its tokens
+        model = inject_svd_lora(model, rank=2, pref_dim=2, alpha=4.0)
+        for l in lora_layers(model):
+            torch.nn.init.normal_(l.lora_sigma, std=2.0), torch.nn.init.constant_(l.lora_s, 3.0)
+    return model
+
+
+def left_padded(lengths=(3, 7, 5, 1), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(1, 50, (n,), generator=g).tolist() for n in lengths]
+    P = max(lengths)
+    idx = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
+    real = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    return prompts, idx, real
+
+
+def generate_seeded(model, idx, n, seed=7, **kw):
+    torch.manual_seed(seed)
+    return model.generate(idx, n, **kw)
+
+
+SAMPLINGS = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.8, top_k=5)]
 
 
 def test_forward_gives_logits_at_every_position_and_masked_loss():
@@ -52,34 +85,126 @@ def test_value_heads_output_one_value_per_objective_and_position():
     assert not hasattr(model, "lm_head")
 
 
-def test_cached_logits_match_the_full_forward():
-    model = tiny_gpt().eval()
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_cached_logits_match_the_full_forward(arch):
+    """A prefill of 5 positions, then one position at a time attending over the whole buffer, the unwritten
+    columns masked (what the compiled decode step computes)."""
+    model = tiny(arch)
     idx = torch.randint(50, (2, 12))
     full, _ = model(idx)
-    cache = KVCache(model.config.n_layer)
-    steps = [model(idx[:, :5], cache=cache)[0]]
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()[None, None]  # (1, 1, 12, 12)
+    pos = torch.arange(12).expand(2, 12)
+    cache = KVCache(model.config.n_layer, 12)
+    cache.at = torch.arange(5)
+    steps = [model(idx[:, :5], cache=cache, pos=pos[:, :5], mask=causal[:, :, :5, :5])[0]]
+    buffers = [t.data_ptr() for t in cache.k + cache.v]
     for t in range(5, 12):
-        steps.append(model(idx[:, t: t + 1], cache=cache)[0])
-    assert len(cache) == 12
+        cache.at = torch.tensor([t])
+        steps.append(model(idx[:, t: t + 1], cache=cache, pos=pos[:, t: t + 1], mask=causal[:, :, t: t + 1])[0])
+    assert cache.k[0].shape == (2, model.config.n_kv_head or 4, 12, 16)  # llama: 2 key/value heads, not 4
+    assert [t.data_ptr() for t in cache.k + cache.v] == buffers  # written in place, never reallocated
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
 
 
-def test_kv_cache_generation_equals_recomputation_greedy():
-    model = tiny_gpt().eval()
-    idx = torch.randint(50, (4, 6))
-    a = model.generate(idx, 20, temperature=0.0, use_cache=True)
-    b = model.generate(idx, 20, temperature=0.0, use_cache=False)
-    assert a.shape == (4, 26) and torch.equal(a, b)
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+@pytest.mark.parametrize("sampling", SAMPLINGS, ids=["greedy", "sampled", "top_k"])
+def test_static_cache_generates_the_tokens_of_recomputation_left_padded(arch, sampling):
+    model = tiny(arch)
+    _, idx, real = left_padded()
+    a = generate_seeded(model, idx, 20, attention_mask=real, **sampling)
+    b = generate_seeded(model, idx, 20, attention_mask=real, use_cache=False, **sampling)
+    assert a.shape == (4, 27) and torch.equal(a, b)
+    unpadded = generate_seeded(model, idx, 20, **sampling)  # no attention mask: padding read as tokens
+    assert torch.equal(unpadded, generate_seeded(model, idx, 20, use_cache=False, **sampling))
 
 
-def test_kv_cache_generation_with_per_sequence_preferences():
-    model = inject_svd_lora(tiny_gpt(), rank=2, pref_dim=2, alpha=4.0)
-    for l in model.modules():
-        if hasattr(l, "lora_s"):
-            torch.nn.init.normal_(l.lora_sigma, std=2.0), torch.nn.init.constant_(l.lora_s, 3.0)
-    set_preference(model, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]))
-    idx = torch.randint(50, (3, 5))
-    assert torch.equal(model.generate(idx, 15, temperature=0.0), model.generate(idx, 15, temperature=0.0, use_cache=False))
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+@pytest.mark.parametrize("lora", [False, True], ids=["base", "svd_lora"])
+def test_left_padded_rows_generate_what_each_row_generates_alone(arch, lora):
+    model = tiny(arch, lora=lora)
+    prefs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.2, 0.8]])
+    if lora:
+        set_preference(model, prefs)
+    prompts, idx, real = left_padded()
+    out = model.generate(idx, 15, temperature=0.0, attention_mask=real)
+    for b, p in enumerate(prompts):
+        if lora:
+            set_preference(model, prefs[b:b + 1])
+        assert out[b, 7:].tolist() == model.generate(torch.tensor([p]), 15, temperature=0.0)[0, len(p):].tolist()
+
+
+def test_sampling_with_per_sequence_preferences_equals_recomputation():
+    model = tiny("gpt", lora=True)
+    set_preference(model, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.2, 0.8]]))
+    _, idx, real = left_padded()
+    a = generate_seeded(model, idx, 20, temperature=1.0, attention_mask=real)
+    assert torch.equal(a, generate_seeded(model, idx, 20, temperature=1.0, attention_mask=real, use_cache=False))
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_stopping_rows_at_different_steps_equals_recomputation(arch):
+    model = tiny(arch)
+    with torch.no_grad():
+        model.lm_head.weight[3] *= 12.0  # the stop token is likely: rows finish at different steps
+    _, idx, real = left_padded()
+    a = generate_seeded(model, idx, 25, temperature=1.0, stop_token=3, attention_mask=real)
+    assert 7 < a.size(1) < 32 and torch.equal(a, generate_seeded(model, idx, 25, temperature=1.0, stop_token=3,
+                                                                   attention_mask=real, use_cache=False))
+    assert (a[:, -1] == 3).all()
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_decoding_over_the_whole_buffer_equals_over_the_written_columns(arch, monkeypatch):
+    """compile=True decodes against the whole (masked) buffer; here without compiling, the same tokens."""
+    monkeypatch.setattr(model_module, "compiled_decode_step", lambda device_type: decode_step)
+    model = tiny(arch)
+    _, idx, real = left_padded()
+    for sampling in SAMPLINGS:
+        a = generate_seeded(model, idx, 20, attention_mask=real, compile=True, **sampling)
+        assert torch.equal(a, generate_seeded(model, idx, 20, attention_mask=real, **sampling))
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_the_decode_step_is_captured_once_as_one_graph(arch, monkeypatch):
+    """One graph for every step and call of the same shapes (what CUDA graphs need), preferences changing."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    step = torch.compile(decode_step, backend="eager", fullgraph=True, dynamic=False)
+    monkeypatch.setattr(model_module, "compiled_decode_step", lambda device_type: step)
+    model = tiny(arch, lora=True)
+    _, idx, real = left_padded()
+    for prefs in ([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.2, 0.8]], [[0.0, 1.0]] * 4):
+        set_preference(model, torch.tensor(prefs))
+        a = generate_seeded(model, idx, 12, temperature=1.0, attention_mask=real, compile=True)
+        assert torch.equal(a, generate_seeded(model, idx, 12, temperature=1.0, attention_mask=real))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler")
+def test_compiled_generation_equals_eager_generation():
+    """The real torch.compile path (inductor on the CPU): a few tens of seconds to compile."""
+    model = tiny("gpt", lora=True)
+    set_preference(model, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.2, 0.8]]))
+    _, idx, real = left_padded()
+    for sampling in SAMPLINGS[:2]:
+        a = generate_seeded(model, idx, 16, attention_mask=real, compile=True, **sampling)
+        assert torch.equal(a, generate_seeded(model, idx, 16, attention_mask=real, **sampling))
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_bfloat16_generation_caches_bfloat16_keys_and_values(arch, monkeypatch):
+    dtypes = []
+    write = KVCache.write
+    monkeypatch.setattr(KVCache, "write", lambda self, *a: dtypes.append(a[1].dtype) or write(self, *a))
+    _, idx, real = left_padded()
+    model = tiny(arch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = model.generate(idx, 10, temperature=0.0, attention_mask=real)
+        assert torch.equal(a, model.generate(idx, 10, temperature=0.0, attention_mask=real, use_cache=False))
+    model = model.to(torch.bfloat16)
+    a = model.generate(idx, 10, temperature=0.0, attention_mask=real)
+    assert torch.equal(a, model.generate(idx, 10, temperature=0.0, attention_mask=real, use_cache=False))
+    assert dtypes and set(dtypes) == {torch.bfloat16}
 
 
 def test_sampling_is_reproducible_under_a_seed_and_top_k_restricts_tokens():
@@ -116,16 +241,3 @@ def test_configure_optimizers_takes_only_trainable_parameters():
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert in_opt == trainable and len(trainable) > 0
     assert all(p.dim() < 2 for p in opt.param_groups[1]["params"])
-
-
-def test_left_padded_batch_generates_what_each_row_generates_alone():
-    model = tiny_gpt().eval()
-    prompts = [torch.randint(1, 50, (n,)).tolist() for n in (3, 7, 5)]
-    P = max(len(p) for p in prompts)
-    idx = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
-    real = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
-    for use_cache in (True, False):
-        out = model.generate(idx, 12, temperature=0.0, use_cache=use_cache, attention_mask=real)
-        for b, p in enumerate(prompts):
-            alone = model.generate(torch.tensor([p]), 12, temperature=0.0)
-            assert out[b, P:].tolist() == alone[0, len(p):].tolist()
