@@ -271,7 +271,8 @@ class GPT(nn.Module):
         eye = torch.eye(L, dtype=torch.bool, device=dev)
         visible = (torch.ones_like(eye).tril() & (real[:, None, :] | eye))[:, None]
         cols, done = torch.arange(L, device=dev), torch.zeros(B, dtype=torch.bool, device=dev)
-        cache = KVCache(self.config.n_layer, L, static=compile) if use_cache else None
+        whole = compile and dev.type in STATIC_DECODE_DEVICES  # decode against the whole buffer (fixed shapes)
+        cache = KVCache(self.config.n_layer, L, static=whole) if use_cache else None
         decode = compiled_decode_step(dev.type) if compile else decode_step
         for t in range(P, L):  # t: the column this step fills, from the columns before it
             if cache is None:  # the reference: the whole context again
@@ -280,9 +281,8 @@ class GPT(nn.Module):
                 cache.at = cols[:P]
                 logits = self(out[:, :P], cache=cache, pos=pos[:, :P], mask=visible[:, :, :P, :P], from_pos=P - 1)
                 logits = logits[0][:, -1]
-            else:  # decode column t - 1 against the keys of columns < t: eager, only those (half the bytes of
-                # the whole buffer on average); compiled, the whole buffer (the same shapes at every step)
-                cache.at, width = cols[t - 1:t], L if compile else t
+            else:  # decode column t - 1 against the keys of the columns < t (on average half the bytes of the
+                cache.at, width = cols[t - 1:t], L if whole else t  # whole buffer), or the whole buffer, masked
                 logits = decode(self, cache, out[:, t - 1:t], pos[:, t - 1:t], visible[:, :, t - 1:t, :width])
             nxt = sample(logits, temperature, top_k)  # (B,)
             if stop_token is not None:
@@ -310,10 +310,15 @@ def decode_step(model, cache, tok, pos, mask):
     return model(tok, cache=cache, pos=pos, mask=mask)[0][:, -1]
 
 
+STATIC_DECODE_DEVICES = ("cuda",)  # compiled, one graph of fixed shapes replayed every step: a CUDA graph
+
+
 @functools.cache
 def compiled_decode_step(device_type):
-    """decode_step compiled once, traced per model and shape on its first step (on CUDA a CUDA graph, replayed)."""
-    return torch.compile(decode_step, mode="reduce-overhead" if device_type == "cuda" else None, dynamic=False)
+    """decode_step compiled once per device type and traced per model and shape: with fixed shapes (the whole
+    buffer, STATIC_DECODE_DEVICES), else with a dynamic key width (the columns written so far: fewer bytes)."""
+    static = device_type in STATIC_DECODE_DEVICES
+    return torch.compile(decode_step, mode="reduce-overhead" if static else None, dynamic=False if static else None)
 
 
 def gguf_pretrained(name_or_path, overrides):

@@ -148,14 +148,14 @@ def test_stopping_rows_at_different_steps_equals_recomputation(arch):
         model.lm_head.weight[3] *= 12.0  # the stop token is likely: rows finish at different steps
     _, idx, real = left_padded()
     a = generate_seeded(model, idx, 25, temperature=1.0, stop_token=3, attention_mask=real)
-    assert 7 < a.size(1) < 32 and torch.equal(a, generate_seeded(model, idx, 25, temperature=1.0, stop_token=3,
-                                                                   attention_mask=real, use_cache=False))
-    assert (a[:, -1] == 3).all()
+    b = generate_seeded(model, idx, 25, temperature=1.0, stop_token=3, attention_mask=real, use_cache=False)
+    assert 7 < a.size(1) < 32 and (a[:, -1] == 3).all() and torch.equal(a, b)
 
 
 @pytest.mark.parametrize("arch", ["gpt", "llama"])
 def test_decoding_over_the_whole_buffer_equals_over_the_written_columns(arch, monkeypatch):
-    """compile=True decodes against the whole (masked) buffer; here without compiling, the same tokens."""
+    """Compiled decoding on CUDA attends over the whole (masked) buffer; here on the CPU, uncompiled."""
+    monkeypatch.setattr(model_module, "STATIC_DECODE_DEVICES", ("cpu",))
     monkeypatch.setattr(model_module, "compiled_decode_step", lambda device_type: decode_step)
     model = tiny(arch)
     _, idx, real = left_padded()
@@ -164,20 +164,29 @@ def test_decoding_over_the_whole_buffer_equals_over_the_written_columns(arch, mo
         assert torch.equal(a, generate_seeded(model, idx, 20, attention_mask=real, **sampling))
 
 
-@pytest.mark.parametrize("arch", ["gpt", "llama"])
-def test_the_decode_step_is_captured_once_as_one_graph(arch, monkeypatch):
-    """One graph for every step and call of the same shapes (what CUDA graphs need), preferences changing."""
+def graphs_of_compiled_decoding(model, monkeypatch, static):
+    """Graphs traced (by dynamo alone, no graph break allowed) over two calls with changing preferences, then two
+    with wider prompts; static: the fixed shapes of CUDA decoding, else the CPU's dynamic key width."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    step = torch.compile(decode_step, backend="eager", fullgraph=True, dynamic=False)
+    step = torch.compile(decode_step, backend="eager", fullgraph=True, dynamic=False if static else None)
+    monkeypatch.setattr(model_module, "STATIC_DECODE_DEVICES", ("cpu",) if static else ())
     monkeypatch.setattr(model_module, "compiled_decode_step", lambda device_type: step)
-    model = tiny(arch, lora=True)
     _, idx, real = left_padded()
-    for prefs in ([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.2, 0.8]], [[0.0, 1.0]] * 4):
-        set_preference(model, torch.tensor(prefs))
+    for prefs, wider in ((torch.eye(2)[[0, 1, 0, 1]], 0), (torch.eye(2)[[1, 1, 0, 0]], 0), (torch.full((4, 2), 0.5), 2),
+                         (torch.full((4, 2), 0.5), 2)):
+        set_preference(model, prefs)
+        idx, real = F.pad(idx, (wider, 0)), F.pad(real, (wider, 0))  # more left padding
         a = generate_seeded(model, idx, 12, temperature=1.0, attention_mask=real, compile=True)
         assert torch.equal(a, generate_seeded(model, idx, 12, temperature=1.0, attention_mask=real))
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_compiled_decoding_is_traced_once_per_shape(arch, monkeypatch):
+    model = tiny(arch, lora=True)
+    assert graphs_of_compiled_decoding(model, monkeypatch, static=True) == 3  # one per buffer size, for every step
+    assert graphs_of_compiled_decoding(model, monkeypatch, static=False) == 3  # fixed, dynamic width, dynamic size
 
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler")
