@@ -6,7 +6,9 @@ machine's load cancels out of a ratio far better than out of a time):
     adapter forward / base forward                  the cost of lambda in the singular values
     per-sequence lambda forward / one-lambda forward   one batch covering many preferences
     merged forward / base forward                   merge(): zero inference overhead (~1.0)
-    generation without / with KV cache              the cache's speed-up
+    generation without / with KV cache              the static KV cache's speed-up, sampling --batch_size prompts
+                                                    of 12 tokens for 32 and 128 new tokens (vocabulary 256), and
+                                                    the cache's tokens per second (compiled too with --compile)
     rollout in one left-padded call / by prompt length  batching prompts of different lengths
     log-probs from mid-sequence on / at every position   rlhf.sequence_logprobs on the response only
     trainable parameters / all parameters
@@ -14,38 +16,40 @@ machine's load cancels out of a ratio far better than out of a time):
     python bench.py                      # the world's model size, on cuda if available
     python bench.py --n_layer 8 --n_embd 512 --device cuda
     python bench.py --init_from smollm2-135m-instruct --batch_size 4 --repeats 3   # the pretrained model
+    OMP_NUM_THREADS=1 python bench.py --compile   # with generate(compile=True) (minutes to compile on a CPU)
 """
+import argparse
 import time
 
 import torch
 
-from cli import Parser, device as device_flag, positive_int
 from model import GPT, GPTConfig
 from rlhf import sequence_logprobs
 from svd_lora import inject_svd_lora, merge, set_preference
 
-p = Parser("Panacea benchmark: ratios measured in one run.")
-p.add_argument("--device", type=device_flag, default="auto")
-p.add_argument("--n_layer", type=positive_int, default=4)
-p.add_argument("--n_head", type=positive_int, default=4)
-p.add_argument("--n_embd", type=positive_int, default=128)
-p.add_argument("--vocab_size", type=positive_int, default=280)
-p.add_argument("--batch_size", type=positive_int, default=64)
-p.add_argument("--seq_len", type=positive_int, default=64)
-p.add_argument("--repeats", type=positive_int, default=10)
+p = argparse.ArgumentParser(description="Panacea benchmark: ratios measured in one run.")
+p.add_argument("--device", default="auto")
+p.add_argument("--n_layer", type=int, default=4)
+p.add_argument("--n_head", type=int, default=4)
+p.add_argument("--n_embd", type=int, default=128)
+p.add_argument("--vocab_size", type=int, default=280)
+p.add_argument("--batch_size", type=int, default=64)
+p.add_argument("--seq_len", type=int, default=64)
+p.add_argument("--repeats", type=int, default=10)
+p.add_argument("--compile", action="store_true", help="also time generation with the compiled decode step")
 p.add_argument("--init_from", default=None, help="a pretrained model instead: smollm2-135m-instruct or a Llama-style .gguf path")
 args = p.parse_args()
-device = args.device
+device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
 torch.manual_seed(0)
 cfg = GPTConfig(block_size=max(128, 2 * args.seq_len), vocab_size=args.vocab_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
 
 
-def timeit(fn):
-    """Median seconds of fn() over --repeats runs after two warm-ups."""
-    for _ in range(2):
+def timeit(fn, repeats=None, warmups=2):
+    """Median seconds of fn() over repeats (default --repeats) runs after the warm-ups."""
+    for _ in range(warmups):
         fn()
     times = []
-    for _ in range(args.repeats):
+    for _ in range(repeats or args.repeats):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -67,6 +71,28 @@ def train_step(model, opt, x):
 
 def new_model():
     return (GPT.from_pretrained(args.init_from) if args.init_from else GPT(cfg)).to(device)
+
+
+def generation(base, results, speeds):
+    """Sampling 12-token prompts (--batch_size of them) for 32 and 128 new tokens: the static KV cache's
+    tokens per second (and compiled, with --compile), and the time of recomputing the whole context at
+    every step over the cache's. At most 3 timed runs each, one without the cache (up to a minute on a CPU)."""
+    model = base  # a pretrained model, else one of the benchmark's size with vocabulary 256, room for 12 + 128
+    if not args.init_from:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=140, vocab_size=256, n_layer=args.n_layer, n_head=args.n_head,
+                              n_embd=args.n_embd)).to(device).eval()
+    prompts = torch.randint(model.config.vocab_size, (args.batch_size, 12), device=device)
+    repeats = min(args.repeats, 3)
+    for n in (32, 128):
+        name = f"generation {args.batch_size} x {n} new tokens"
+        t_cache = timeit(lambda: model.generate(prompts, n), repeats)
+        speeds[f"{name}, static KV cache"] = args.batch_size * n / t_cache
+        if args.compile:
+            t_compiled = timeit(lambda: model.generate(prompts, n, compile=True), repeats)
+            speeds[f"{name}, static KV cache, compiled"] = args.batch_size * n / t_compiled
+        t_none = timeit(lambda: model.generate(prompts, n, use_cache=False), repeats=1, warmups=0)
+        results[f"{name}: without / with KV cache"] = t_none / t_cache
 
 
 def main():
@@ -93,10 +119,8 @@ def main():
         results["log-probs from mid-sequence on / at every position"] = (timeit(lambda: sequence_logprobs(base, x, args.seq_len // 2)) /
                                                                          timeit(lambda: sequence_logprobs(base, x)))
     base.eval()
-    prompt = x[:, :8]
-    n_new = min(args.seq_len, base.config.block_size - 8)
-    results["generation without / with KV cache"] = (timeit(lambda: base.generate(prompt, n_new, use_cache=False)) /
-                                                     timeit(lambda: base.generate(prompt, n_new, use_cache=True)))
+    speeds = {}
+    generation(base, results, speeds)
     # prompts of 8 different lengths: one left-padded call against one call per length
     lengths = [4 + i % 8 for i in range(args.batch_size)]
     P = max(lengths)
@@ -108,9 +132,11 @@ def main():
     n_train = sum(q.numel() for q in adapted.parameters() if q.requires_grad)
     results["trainable parameters / all parameters"] = n_train / sum(q.numel() for q in adapted.parameters())
     print(f"device {device}, {base.num_params() / 1e6:.2f}M parameters, batch {args.batch_size} x {args.seq_len} tokens, "
-          f"median of {args.repeats}, torch {torch.__version__}")
+          f"median of {args.repeats}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for k, v in results.items():
-        print(f"{k:52s} {v:8.3f}")
+        print(f"{k:58s} {v:8.3f}")
+    for k, v in speeds.items():
+        print(f"{k:58s} {v:8.0f} tokens/s")
 
 
 if __name__ == "__main__":
