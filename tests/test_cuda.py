@@ -33,6 +33,20 @@ def test_cuda_generation_with_cache_equals_recomputation_and_matches_the_cpu():
     assert torch.allclose(gpu, cpu, atol=1e-4)
 
 
+def test_cuda_compiled_generation_replays_a_cuda_graph_with_the_eager_tokens():
+    model = trained_adapted()
+    set_preference(model, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]))
+    idx = torch.randint(1, 50, (3, 6), device="cuda")
+    real = torch.ones_like(idx)
+    real[0, :2] = 0  # one left-padded row
+    for _ in range(3):  # warm-up, recording, replays
+        a = model.generate(idx, 16, temperature=0.0, attention_mask=real, compile=True)
+        assert torch.equal(a, model.generate(idx, 16, temperature=0.0, attention_mask=real))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        b = model.generate(idx, 16, temperature=0.0, attention_mask=real, compile=True)
+    assert b.shape == a.shape and (b[:, :6] == idx).all()
+
+
 def test_cuda_merge_unmerge_and_bf16_autocast_training_step():
     model = trained_adapted()
     set_preference(model, [0.3, 0.7])
