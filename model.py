@@ -255,12 +255,13 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, stop_token=None,
-                 attention_mask=None, compile=False):
+                 attention_mask=None, compile=False, logprobs=False):
         """Continue every row of idx (B, T) by up to max_new_tokens tokens; temperature 0 is greedy. With a stop_token,
         decoding ends once every row has produced it, and a row's tokens after its first stop_token are stop_token
         too. attention_mask (B, T), 0 on left padding, batches prompts of different lengths; rows stop at block_size
         real tokens (padding not counted). use_cache=False recomputes the whole context at every step (same tokens,
-        slower); compile=True runs the decode step through torch.compile (on CUDA as a CUDA graph)."""
+        slower); compile=True runs the decode step through torch.compile (on CUDA as a CUDA graph). logprobs=True
+        also returns (B, new tokens) log p(token) of every new token at temperature 1 (PPO's old log-probs)."""
         B, P = idx.size()
         real = attention_mask.bool() if attention_mask is not None else torch.ones_like(idx, dtype=torch.bool)
         steps = max(0, min(max_new_tokens, self.config.block_size - int(real.sum(1).max())))  # the longest row's room
@@ -274,6 +275,7 @@ class GPT(nn.Module):
         whole = compile and dev.type in STATIC_DECODE_DEVICES  # decode against the whole buffer (fixed shapes)
         cache = KVCache(self.config.n_layer, L, static=whole) if use_cache else None
         decode = compiled_decode_step(dev.type) if compile else decode_step
+        logp = []
         for t in range(P, L):  # t: the column this step fills, from the columns before it
             if cache is None:  # the reference: the whole context again
                 logits = self(out[:, :t], pos=pos[:, :t], mask=visible[:, :, :t, :t])[0][:, -1]
@@ -289,9 +291,12 @@ class GPT(nn.Module):
                 nxt[done] = stop_token
                 done |= nxt == stop_token
             out[:, t] = nxt
+            if logprobs:
+                logp.append(F.log_softmax(logits.float(), dim=-1).gather(1, nxt[:, None])[:, 0])
             if stop_token is not None and done.all():
-                return out[:, :t + 1]
-        return out
+                out = out[:, :t + 1]
+                break
+        return (out, torch.stack(logp, 1) if logp else out.new_zeros(B, 0, dtype=torch.float)) if logprobs else out
 
 
 def sample(logits, temperature, top_k):

@@ -12,7 +12,7 @@ knows where they come from, and judging the responses is the caller's business.
 
 One PPO iteration, with lambda fixed per sequence (train.py: collect -> advantages -> update):
     collect     1. rollout: generate a response per prompt under its own lambda
-                2. score: old log-probs (policy), reference log-probs (same model, adapters off),
+                2. score: old log-probs (the generation's own), reference log-probs (same model, adapters off),
                    values (critic, one head per objective), standardised reward-model scores
     advantages  3. rewards: r_{i,t} = -beta (log pi - log pi_ref)_t  (+ score_i at the last response token)
                 4. GAE per objective (gamma = 1, lambda_GAE = 0.95) -> advantages A_i, returns
@@ -143,11 +143,13 @@ def group_weights(J, prefs, agg, ideal=None, mu=0.0):
 # Rollouts
 
 @torch.no_grad()
-def rollout(policy, tok, prompts, prefs, max_new_tokens, temperature=1.0, top_k=None):
+def rollout(policy, tok, prompts, prefs, max_new_tokens, temperature=1.0, top_k=None, logprobs=False):
     """One response per prompt text, generated under prefs[b] ((B, m), or None for a model
     without preference slots), all in one left-padded generate call. Returns the samples in the
     right-padded layout above, tokens, prompt_len, seq_len (on the policy's device), and the
-    response texts; a response that never ends (no tok.eot) is returned as None."""
+    response texts; a response that never ends (no tok.eot) is returned as None. logprobs=True also
+    returns the (B, T-1) log-probs of the response's actions under the policy (0 elsewhere), as
+    sequence_logprobs computes them, taken from the generation's own logits."""
     device = next(policy.parameters()).device
     enc = [tok.encode(p) for p in prompts]
     B, P = len(enc), max(len(e) for e in enc)
@@ -155,7 +157,8 @@ def rollout(policy, tok, prompts, prefs, max_new_tokens, temperature=1.0, top_k=
     real = torch.tensor([[0] * (P - len(e)) + [1] * len(e) for e in enc], device=device)
     if prefs is not None:
         set_preference(policy, prefs)
-    out = policy.generate(idx, max_new_tokens, temperature, top_k, stop_token=tok.eot, attention_mask=real)
+    out, gen_logp = policy.generate(idx, max_new_tokens, temperature, top_k, stop_token=tok.eot, attention_mask=real,
+                                    logprobs=True)
     resp = out[:, P:]  # (B, N) generated tokens, the end token repeated after a row's first one
     ended = (resp == tok.eot).any(1)
     resp_len = torch.where(ended, (resp == tok.eot).int().argmax(1) + 1, resp.size(1))  # end token included
@@ -166,7 +169,13 @@ def rollout(policy, tok, prompts, prefs, max_new_tokens, temperature=1.0, top_k=
     tokens = out.gather(1, (t + P - prompt_len[:, None]).clamp(max=out.size(1) - 1))
     tokens = torch.where(t < seq_len[:, None], tokens, tok.eot)  # (B, T)
     texts = [tok.decode(r[: n - 1]) if e else None for r, n, e in zip(resp.tolist(), resp_len.tolist(), ended.tolist())]
-    return tokens, prompt_len, seq_len, texts
+    if not logprobs:
+        return tokens, prompt_len, seq_len, texts
+    j = torch.arange(resp.size(1), device=device)  # generated token j is the action at t = prompt_len - 1 + j
+    at = (prompt_len[:, None] - 1 + j).clamp(max=tokens.size(1) - 2)  # (B, N); clamped ones lie past the end
+    logp = torch.zeros(len(enc), tokens.size(1) - 1, device=device)
+    logp.scatter_add_(1, at, torch.where(j < resp_len[:, None], gen_logp, 0.0))  # adds 0 where clamped
+    return tokens, prompt_len, seq_len, texts, logp
 
 
 def standardised_scores(reward_model, tokens, seq_len, finished, stats):
@@ -250,14 +259,12 @@ def collect(policy, critic, reward_model, tok, prompts, prefs, cfg, rm_stats):
     conditioned = preference_dim(policy) > 0
     policy.eval()
     critic.eval()
-    tokens, plen, slen, texts = rollout(policy, tok, prompts, prefs if conditioned else None, cfg.max_new_tokens,
-                                        cfg.temperature)
+    tokens, plen, slen, texts, logp = rollout(policy, tok, prompts, prefs if conditioned else None, cfg.max_new_tokens,
+                                              cfg.temperature, logprobs=True)  # logp: the generation's own
     finished = torch.tensor([t is not None for t in texts], device=tokens.device)
     if conditioned:
-        set_preference(policy, prefs)
         set_preference(critic, prefs)
     start = int(plen.min()) - 1
-    logp = sequence_logprobs(policy, tokens, start)
     with disable_adapters(policy):
         ref_logp = sequence_logprobs(policy, tokens, start)
     return dict(tokens=tokens, plen=plen, slen=slen, texts=texts, finished=finished, prefs=prefs,

@@ -56,11 +56,12 @@ class SVDLoRALinear(nn.Module):
         y = self.base(x)
         if not self.enabled or self.merged:
             return y
-        e = self.singular_values()
+        e = self.singular_values() * self.scaling  # c folded into the r singular values, not the (B, T, d_out) output
         if e.dim() == 2:
             assert e.size(0) == x.size(0), f"{e.size(0)} preferences for a batch of {x.size(0)}"
             e = e.view(e.size(0), *([1] * (x.dim() - 2)), e.size(1))  # (B, 1, r): one per sequence
-        return y + self.scaling * ((x @ self.lora_V) * e) @ self.lora_U.T  # (B, T, d_out)
+        h = ((x @ self.lora_V) * e).reshape(-1, e.size(-1))  # (B*T, r)
+        return torch.addmm(y.reshape(-1, y.size(-1)), h, self.lora_U.T).view(y.shape)  # y + h U^T, (B, T, d_out)
 
     def extra_repr(self):
         return f"rank={self.rank}, pref_dim={self.pref_dim}, scaling={self.scaling:g}"

@@ -472,3 +472,37 @@ def test_frozen_weights_in_bfloat16_keep_the_trained_parts_in_float32():
         assert a.abs().max() > 0.1 and (a - b).abs().max() < 0.05 * a.abs().max() + 0.05
     reward_model, _ = load_reward_model(rm, sft, ["b"], "cpu", torch.bfloat16)
     assert all(q.dtype == torch.bfloat16 for q in reward_model.parameters()) and reward_model.value_head.out_features == 1
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_the_old_log_probs_taken_from_generation_are_those_of_a_forward_pass(arch):
+    """collect takes PPO's old log-probs from the generation's own logits instead of a second forward pass:
+    on every response action they equal sequence_logprobs' (float32 rounding), with one lambda per row,
+    left-padded prompts of different lengths and responses that end at different steps; 0 elsewhere."""
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=64, vocab_size=40, n_layer=2, n_head=4, n_embd=32, arch=arch,
+                       n_kv_head=2 if arch == "llama" else 0, bias=arch == "gpt")
+    policy = inject_svd_lora(GPT(config), rank=2, pref_dim=2, alpha=4.0).eval()
+    for layer in lora_layers(policy):
+        torch.nn.init.normal_(layer.lora_sigma)
+        torch.nn.init.constant_(layer.lora_s, 2.0)
+
+    class Ids:
+        eot = 0
+
+        def encode(self, text):
+            return [int(w) for w in text.split()]
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    with torch.no_grad():
+        policy.lm_head.weight[0] += 0.3  # some responses end early
+    prompts = [" ".join(str(int(i)) for i in torch.randint(1, 40, (n,))) for n in (3, 7, 5, 1, 9, 4)]
+    prefs = torch.rand(6, 2).softmax(-1)
+    tokens, plen, slen, texts, logp = rollout(policy, Ids(), prompts, prefs, 20, 1.0, logprobs=True)
+    assert any(t is not None for t in texts) and any(t is None for t in texts)
+    mask = response_mask(plen, slen, tokens.size(1))
+    with torch.no_grad():
+        full = sequence_logprobs(policy, tokens)
+    assert torch.allclose(logp * mask, full * mask, atol=1e-5) and (logp[mask == 0] == 0).all()
