@@ -51,6 +51,7 @@ class PPOConfig:
     clip_value: float = 0.2  # how far a value may move from its rollout-time estimate before the loss is clipped
     vf_coef: float = 0.5  # weight of the value loss
     grad_clip: float = 1.0  # gradient-norm clip
+    compile: bool = False  # decode the rollouts with a compiled step (torch.compile; a CUDA graph on a GPU)
 
 
 @dataclass
@@ -143,22 +144,24 @@ def group_weights(J, prefs, agg, ideal=None, mu=0.0):
 # Rollouts
 
 @torch.no_grad()
-def rollout(policy, tok, prompts, prefs, max_new_tokens, temperature=1.0, top_k=None, logprobs=False):
+def rollout(policy, tok, prompts, prefs, max_new_tokens, temperature=1.0, top_k=None, logprobs=False, compile=False):
     """One response per prompt text, generated under prefs[b] ((B, m), or None for a model
     without preference slots), all in one left-padded generate call. Returns the samples in the
     right-padded layout above, tokens, prompt_len, seq_len (on the policy's device), and the
     response texts; a response that never ends (no tok.eot) is returned as None. logprobs=True also
     returns the (B, T-1) log-probs of the response's actions under the policy (0 elsewhere), as
-    sequence_logprobs computes them, taken from the generation's own logits."""
+    sequence_logprobs computes them, taken from the generation's own logits. compile=True decodes with a
+    compiled step (model.generate), the prompts padded to a multiple of 16 so that few shapes are traced."""
     device = next(policy.parameters()).device
     enc = [tok.encode(p) for p in prompts]
     B, P = len(enc), max(len(e) for e in enc)
+    P = -(-P // 16) * 16 if compile else P  # (left padding is masked and counts no position)
     idx = torch.tensor([[tok.eot] * (P - len(e)) + e for e in enc], device=device)
     real = torch.tensor([[0] * (P - len(e)) + [1] * len(e) for e in enc], device=device)
     if prefs is not None:
         set_preference(policy, prefs)
     out, gen_logp = policy.generate(idx, max_new_tokens, temperature, top_k, stop_token=tok.eot, attention_mask=real,
-                                    logprobs=True)
+                                    compile=compile, logprobs=True)
     resp = out[:, P:]  # (B, N) generated tokens, the end token repeated after a row's first one
     ended = (resp == tok.eot).any(1)
     resp_len = torch.where(ended, (resp == tok.eot).int().argmax(1) + 1, resp.size(1))  # end token included
@@ -260,7 +263,7 @@ def collect(policy, critic, reward_model, tok, prompts, prefs, cfg, rm_stats):
     policy.eval()
     critic.eval()
     tokens, plen, slen, texts, logp = rollout(policy, tok, prompts, prefs if conditioned else None, cfg.max_new_tokens,
-                                              cfg.temperature, logprobs=True)  # logp: the generation's own
+                                              cfg.temperature, logprobs=True, compile=cfg.compile)  # logp: its own
     finished = torch.tensor([t is not None for t in texts], device=tokens.device)
     if conditioned:
         set_preference(critic, prefs)

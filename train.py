@@ -58,7 +58,7 @@ g.add_argument("--data_dir", default=None, help="your own pairs.jsonl (+ pairs_e
 g.add_argument("--stage", type=stage_list, default="all", help="all, or a comma list of sft,rm,panacea,eval")
 g.add_argument("--device", type=device_flag, default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
 g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bfloat16 on cuda")
-g.add_argument("--compile", action="store_true", help="torch.compile the training passes")
+g.add_argument("--compile", action="store_true", help="torch.compile the training passes and the rollouts' decoding")
 g.add_argument("--log_interval", type=positive_int, default=10, help="Panacea iterations between log lines")
 g.add_argument("--eval_interval", type=positive_int, default=250, help="SFT / reward-model iterations a log line")
 g.add_argument("--ckpt_interval", type=positive_int, default=20, help="iterations between checkpoints (every stage)")
