@@ -23,9 +23,9 @@ from cli import Parser, fail
 from evaluate import RM_REFERENCE, plot_fronts
 from panacea import front_metrics
 
-COLUMNS = [("hv", "HV"), ("hv_ratio", "HV / attainable"), ("inner_product", "inner product"), ("sparsity", "sparsity"),
-           ("spacing", "spacing"), ("rm_hv", "RM HV"), ("models", "models"), ("update_steps", "update steps"),
-           ("seconds", "train s")]
+COLUMNS = [("hv", "HV"), ("hv_ratio", "HV / attainable"), ("rm_ceiling", "RM ceiling"),
+           ("of_ceiling", "HV / RM ceiling"), ("inner_product", "inner product"), ("sparsity", "sparsity"), ("spacing", "spacing"), ("rm_hv", "RM HV"),
+           ("models", "models"), ("update_steps", "update steps"), ("seconds", "train s")]
 
 
 def load(path):
@@ -62,6 +62,10 @@ def run_metrics(fr):
     row = {"hv": j["hypervolume"], "hv_ratio": ratio, "inner_product": j["inner_product"], "sparsity": j["sparsity"],
            "spacing": j["spacing"], "rm_hv": rm["hypervolume"]}
     row.update({k: fr.get("cost", {}).get(k) for k in ("models", "update_steps", "seconds")})
+    # the reward-model ceiling (the KL optimum of the run's objective, as a share of the attainable front) and
+    # the share of it the run reached; PPO runs on the world only
+    row["rm_ceiling"] = fr["rm_ceiling"]["ratio"]["mode"] if "rm_ceiling" in fr else None
+    row["of_ceiling"] = ratio / row["rm_ceiling"] if row["rm_ceiling"] and ratio is not None else None
     return row
 
 

@@ -37,6 +37,7 @@ def test_compare_gives_hand_checked_numbers(tmp_path):
     assert two["rm_hv"] == pytest.approx(9.0)
     assert one["hv"] == pytest.approx(4.0) and one["hv_ratio"] == pytest.approx(0.4) and one["inner_product"] == pytest.approx(2.0)
     assert one["rm_hv"] == pytest.approx(1 * 5) and one["models"] == 5 and one["update_steps"] == 40
+    assert two["rm_ceiling"] is None and two["of_ceiling"] is None  # no ceiling recorded (a DPO run, say)
     md = open(str(out) + ".md").read()
     assert "| two | 1 | 5 | 0.5 |" in md and "| one | 1 | 4 | 0.4 |" in md
     assert os.path.getsize(str(out) + ".png") > 10000
@@ -79,3 +80,14 @@ def test_fronts_without_judges_compare_by_their_reward_model_scores_and_never_mi
     p = subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), str(tmp_path / "own"), str(tmp_path / "judged"),
                         "--out", str(out)], capture_output=True, text=True)
     assert p.returncode == 1 and "compare them apart" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_a_run_with_a_reward_model_ceiling_reports_the_share_of_it_reached(tmp_path):
+    write(tmp_path / "ppo", dict(front([[0, 1], [1, 0]], [[1, 3], [3, 1]], [[0, 0], [1, 1]]),
+                                 rm_ceiling={"mode": [[1, 4], [4, 1]], "ratio": {"mode": 0.625, "expectation": 0.6}}))
+    out = tmp_path / "table"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), str(tmp_path / "ppo"), "--out", str(out)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    (row,) = json.load(open(str(out) + ".json"))["rows"]
+    assert row["hv_ratio"] == pytest.approx(0.5) and row["rm_ceiling"] == 0.625 and row["of_ceiling"] == pytest.approx(0.8)
