@@ -151,7 +151,7 @@ class Source:
     def tokenizer_spec(self):
         return {"gpt2_ids": "all"}  # real text: GPT-2's whole BPE
 
-    def limits(self, objectives, grid, standard, beta=None, reward=None):
+    def limits(self, objectives, grid, standard, beta=None, reward=None, dpo_beta=None):
         return None  # no judges, so no limits known
 
     def digest(self, stage="rm"):
@@ -182,7 +182,7 @@ class World(Source):
     """The embedded world's data, generated once into data_dir and named by what generated it."""
 
     def __init__(self, data_dir, seed, n_sft, n_pairs, label_temperature, write=True):
-        self.seed = seed
+        self.seed, self.label_temperature = seed, label_temperature
         n_eval = max(200, n_pairs // 10)
         q = f"-q{NEIGHBOURS}" if NEIGHBOURS else ""  # the share of neighbour pairs (world.preference_pairs)
         paths = {"sft": f"sft-n{n_sft}-seed{seed}", "pairs": f"pairs-n{n_pairs}-T{label_temperature}{q}-seed{seed}",
@@ -218,14 +218,18 @@ class World(Source):
         prompts, responses = world.world_texts()
         return {"gpt2_ids": tokenizer.gpt2_ids([tokenizer.gpt2_chat(p) for p in prompts] + responses)}
 
-    def limits(self, objectives, grid, standard, beta=None, reward=None):
+    def limits(self, objectives, grid, standard, beta=None, reward=None, dpo_beta=None):
         """What no policy can exceed on the held-out prompts: the attainable front and its hypervolume
         against the world's fixed reference point (set by the `standard` lambda grid), the LS points of
         the attainable front on `grid` and on `standard`. With beta, the ceilings below them: for each
         lambda of grid the judge-scored optimum pi*_lambda of the KL-regularised objective at beta
         (world.kl_optimum) with the standardised judges as rewards (the best KL-regularised RLHF can
         do), and with reward(prompts, texts) -> (N, m), a run's standardised reward models (the best
-        they allow)."""
+        they allow). With dpo_beta, DPO's own optimum on these pairs: for one objective, DPO on pairs
+        labelled by Bradley-Terry at temperature T is minimised by pi ∝ pi_ref exp(J_i / (T beta)); with
+        LS its pairwise optimum sigma(beta (h_0 - h_1)) = sum_i lambda_i sigma((J_i(y_0) - J_i(y_1)) / T)
+        has no reward form, and pi ∝ pi_ref exp(sum_i lambda_i J_i / (T beta)) is its first-order
+        approximation (exact at the vertices)."""
         ref = world.reference_point(objectives, standard, seed=self.seed)
         attainable = world.attainable_front(objectives, seed=self.seed, cache_dir=os.path.dirname(self.paths["pairs"]))
         out = {"reference_point": ref, "attainable_front": attainable,
@@ -236,6 +240,12 @@ class World(Source):
             out["judge_ceiling"] = dict(world.kl_optimum(objectives, grid, beta, seed=self.seed), beta=beta)
         if reward is not None:
             out["rm_ceiling"] = dict(world.kl_optimum(objectives, grid, beta, reward, seed=self.seed), beta=beta)
+        if dpo_beta is not None and self.label_temperature > 0:
+            def label_reward(prompts, texts):  # J / T: the Bradley-Terry rewards the labels were drawn with
+                return [[j / self.label_temperature for j in world.judge_text(world.task_of(p), y, objectives)]
+                        for p, y in zip(prompts, texts)]
+            out["dpo_ceiling"] = dict(world.kl_optimum(objectives, grid, dpo_beta, label_reward, seed=self.seed),
+                                      beta=dpo_beta)
         return out
 
 

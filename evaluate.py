@@ -129,7 +129,7 @@ def record(sums, grid, pol_ck, limits, n_prompts):
     # the front is stored whole up to MAX_STORED points (m = 2: a few hundred), else evenly thinned
     attainable = limits["attainable_front"]
     keep = attainable[:: math.ceil(len(attainable) / MAX_STORED)]
-    for name in ("judge_ceiling", "rm_ceiling"):  # the points of pi*_lambda and the share of the limit they reach
+    for name in ("judge_ceiling", "rm_ceiling", "dpo_ceiling"):  # pi*_lambda's points, and their share of the limit
         if name not in limits:
             continue
         c = limits[name]
@@ -175,7 +175,8 @@ def print_front(front):
               + "".join(f" > KL optimum with the {who} (beta {c['beta']:g}) {c['ratio']['mode']:.3f} "
                         f"(expectation {c['ratio']['expectation']:.3f})"
                         for who, c in (("judges", front.get("judge_ceiling")),
-                                       ("reward models", front.get("rm_ceiling"))) if c)
+                                       ("reward models", front.get("rm_ceiling")),
+                                       ("DPO's labels", front.get("dpo_ceiling"))) if c)
               + f" > learned {mt['hypervolume_ratio']:.3f}")
     else:
         print(f"reward-model hypervolume {mt['rm']['hypervolume']:.4f} (reference {RM_REFERENCE} per objective), "
@@ -204,7 +205,8 @@ def draw_limits(ax, front, a, b):
         ax.plot([p[a] for p in att], [p[b] for p in att], ".", color="0.8", ms=1, label="attainable front (projected)")
     ls = front["ls_judge_scores"]
     ax.plot([p[a] for p in ls], [p[b] for p in ls], "kx", ms=6, alpha=0.7, label="its LS points")
-    for key, who, style in (("judge_ceiling", "judges", "g+"), ("rm_ceiling", "reward models", "m1")):
+    for key, who, style in (("judge_ceiling", "judges", "g+"), ("rm_ceiling", "reward models", "m1"),
+                            ("dpo_ceiling", "DPO's labels", "c2")):
         if key in front:
             c = front[key]
             ax.plot([p[a] for p in c["mode"]], [p[b] for p in c["mode"]], style, ms=7, alpha=0.8,

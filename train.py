@@ -388,13 +388,13 @@ def evaluate_front(source, sft, rm, pol):
     m = len(pol["objectives"])
     standard = pref_grid(m, args.eval_divisions or (10 if m == 2 else 4))
     grid = pol["fixed_prefs"] if pol["method"] == "dps" else standard
-    prompts = source.prompts("eval")  # judged (the world): all of them, as the attainable front is
-    prompts = prompts if source.judge is not None else prompts[: args.eval_prompts]
+    prompts = source.prompts("eval")[: None if source.judge else args.eval_prompts]  # the world's: all, as its limits
     with autocast:
         sums = evaluate.measure(sft, rm, pol, grid, prompts, source.judge, args.eval_temperature,
                                 args.max_new_tokens, args.seed, device, rank, world_size)
         reward = evaluate.rm_reward(sft, rm, pol["objectives"], device) if args.algo == "ppo" else None
-        limits = source.limits(pol["objectives"], grid, standard, args.kl_coef if reward else None, reward)
+        limits = source.limits(pol["objectives"], grid, standard, args.kl_coef if reward else None, reward,
+                               None if reward else args.dpo_beta)
     front = evaluate.record(sums, grid, pol, limits, len(prompts))
     if rank == 0:
         evaluate.write_front(front, args.out_dir, f"{args.method} {args.algo} {args.agg}")

@@ -142,7 +142,9 @@ def test_dpo_end_to_end(base, tmp_path):
     p = train(base, out, "--algo", "dpo", "--rl_iters", "4")
     assert "dpo" in p.stdout
     front = load_front(out)
-    assert set(front) == FRONT_KEYS and front["cost"]["update_steps"] == 4 * 2  # no KL ceiling for DPO
+    assert set(front) == FRONT_KEYS | {"dpo_ceiling"} and front["cost"]["update_steps"] == 4 * 2
+    c = front["dpo_ceiling"]  # DPO's own optimum on the world's labels, at its beta
+    assert c["beta"] == 0.5 and 0 < c["ratio"]["mode"] <= 1 and len(c["mode"]) == 3
 
 
 def test_three_objectives_end_to_end(base, tmp_path):
