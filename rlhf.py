@@ -18,7 +18,7 @@ One PPO iteration, with lambda fixed per sequence (train.py: collect -> advantag
                 4. GAE per objective (gamma = 1, lambda_GAE = 0.95) -> advantages A_i, returns
                 5. aggregate: A_lambda = sum_i w_i A_i with w = dg_lambda/dJ (LS: w = lambda; Tche: lambda_i
                    on the active objective, chosen from the critic's estimates of J_i at the first response
-                   token, averaged over the sequences that share lambda)
+                   token, averaged over the sequences that share lambda), whitened per lambda group
     update      6. a few epochs of clipped policy loss + clipped value loss on minibatches
 One Panacea-DPO step (dpo_update): reference log-ratios once, then epochs of minibatches of the
 aggregated per-objective DPO losses.
@@ -74,10 +74,14 @@ def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def whiten(x, mask, eps=1e-8):
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
+def whiten(x, mask, group, eps=1e-8):
+    """x (B, T) shifted and scaled to mean 0, variance 1 over the masked tokens of each group of rows
+    (group: (B,) ids 0..G-1), 0 outside the mask."""
+    n = torch.zeros(int(group.max()) + 1, device=x.device).index_add_(0, group, mask.sum(1)).clamp_min(1.0)  # (G,)
+    mean = torch.zeros_like(n).index_add_(0, group, (x * mask).sum(1)) / n
+    d = (x - mean[group, None]) * mask
+    var = torch.zeros_like(n).index_add_(0, group, (d ** 2).sum(1)) / n
+    return d * torch.rsqrt(var[group, None] + eps)
 
 
 def sequence_logprobs(model, tokens, start=0):
@@ -128,12 +132,17 @@ def dpo_losses(logratio_0, logratio_1, winners, beta):
     return torch.where(winners >= 0, loss, torch.zeros_like(loss))
 
 
+def preference_groups(prefs):
+    """(B,) ids of the groups of sequences that share a row of prefs (B, m): one lambda draw each."""
+    return torch.unique(prefs, dim=0, return_inverse=True)[1]
+
+
 def group_weights(J, prefs, agg, ideal=None, mu=0.0):
     """dg_lambda/dJ_i per sequence, with J estimated per *group* of sequences that share lambda.
     Tchebycheff, min_i lambda_i (J_i - z_i), is a function of the expected J under lambda: which
     objective is active must be decided on the group's mean, not per sequence (where the prompt,
     not lambda, would decide it). LS weights are lambda either way. J, prefs (B, m) -> (B, m)."""
-    _, group = torch.unique(prefs, dim=0, return_inverse=True)  # (B,) group id of each sequence
+    group = preference_groups(prefs)  # (B,) group id of each sequence
     ones = torch.ones_like(group, dtype=torch.float)
     n = torch.zeros(int(group.max()) + 1, device=J.device).index_add_(0, group, ones)  # (G,) sequences per group
     J_group = torch.zeros(n.size(0), J.size(1), device=J.device).index_add_(0, group, J.float()) / n[:, None]
@@ -280,14 +289,18 @@ def collect(policy, critic, reward_model, tok, prompts, prefs, cfg, rm_stats):
 @torch.no_grad()
 def advantages(batch, cfg, ideal=None):
     """Steps 3-5: KL-penalised rewards, GAE per objective, and Eq. (LS) / (Tche) on advantages:
-    A_lambda = sum_i (dg/dJ_i) A_i, whitened. For Tche the critic's value at the first response
-    action estimates J_i(x, lambda), averaged over the group sharing lambda. Adds "adv", "returns"."""
+    A_lambda = sum_i (dg/dJ_i) A_i, whitened within each group sharing lambda: A_lambda's scale differs
+    from one lambda to another (at a vertex one objective counts, in the middle both), and whitened
+    over the whole batch the lambdas with the largest spread would steer the shared adapter and
+    drown the small differences that matter at the others (RESULTS.md measures the difference). For
+    Tche the critic's value at the first response action estimates J_i(x, lambda), averaged over the
+    group. Adds "adv", "returns"."""
     mask, values = batch["mask"], batch["values"]
     rewards = kl_penalised_rewards(batch["scores"], batch["logp"], batch["ref_logp"], mask, batch["slen"], cfg.kl_coef)
     adv, batch["returns"] = gae(rewards, values, mask, 1.0, cfg.gae_lambda)
     J_est = values[torch.arange(values.size(0)), batch["plen"] - 1]
     w = group_weights(J_est, batch["prefs"], cfg.agg, ideal, cfg.tche_mu)
-    batch["adv"] = whiten((adv * w[:, None, :]).sum(-1), mask)
+    batch["adv"] = whiten((adv * w[:, None, :]).sum(-1), mask, preference_groups(batch["prefs"]))
     return batch
 
 

@@ -9,11 +9,14 @@ Data flow:
     Response          -> text (" Sure. First, mix flour and water. Then, ... Please be careful.")
     text              -> parse(text) -> Response, or None when the text is malformed
     judge(task, Response|None, objective) -> ground-truth score (formulas at JUDGES below)
-    pairs: two responses per prompt, one winner id per objective drawn from a Bradley-Terry
-           model P(response_0 wins on i) = sigmoid((J_i(r0) - J_i(r1)) / temperature)
+    pairs: two responses per prompt (two draws of the behaviour, or a response and its neighbour,
+           one part away), one winner id per objective drawn from a Bradley-Terry model
+           P(response_0 wins on i) = sigmoid((J_i(r0) - J_i(r1)) / temperature)
     attainable_front(objectives): every expected score vector a policy can reach on the held-out
            prompts (one response per prompt, over every response that can be Pareto-optimal):
            the physical limit; ls_front(objectives, prefs): its linear-scalarisation points
+    kl_optimum(objectives, prefs, beta): the ceilings below the limit, the closed-form optimum of the
+           KL-regularised objective RLHF maximises, over the behaviour's responses
 
 A response has the grammar   [opening] (refusal | step+) [warning] [padding]
 where step j is "First, <step>." for j = 1 and "Then, <step>." afterwards. Risky tasks are

@@ -506,3 +506,24 @@ def test_the_old_log_probs_taken_from_generation_are_those_of_a_forward_pass(arc
     with torch.no_grad():
         full = sequence_logprobs(policy, tokens)
     assert torch.allclose(logp * mask, full * mask, atol=1e-5) and (logp[mask == 0] == 0).all()
+
+
+def test_advantages_are_whitened_within_each_group_that_shares_lambda():
+    """Each preference group's advantages have mean 0 and variance 1 over its response tokens, whatever
+    the scale of the other groups: one group's rewards a hundred times larger change nothing in the others."""
+    from rlhf import whiten
+    torch.manual_seed(0)
+    x, mask = torch.randn(6, 9), (torch.rand(6, 9) > 0.3).float()
+    group = torch.tensor([0, 0, 1, 1, 2, 2])
+    w = whiten(x, mask, group)
+    for g in range(3):
+        sel = mask[group == g].bool()
+        vals = w[group == g][sel]
+        assert abs(vals.mean().item()) < 1e-5 and abs(vals.pow(2).mean().item() - 1) < 1e-4
+    assert (w[mask == 0] == 0).all()
+    louder = x.clone()
+    louder[group == 2] *= 100
+    assert torch.allclose(whiten(louder, mask, group)[:4], w[:4], atol=1e-6)
+    one = whiten(x, mask, torch.zeros(6, dtype=torch.long))  # one group: the whole batch's masked mean and variance
+    m = (x * mask).sum() / mask.sum()
+    assert torch.allclose(one, (x - m) * mask / ((((x - m) * mask) ** 2).sum() / mask.sum()).sqrt(), atol=1e-5)
