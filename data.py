@@ -45,7 +45,6 @@ import world
 from panacea import hypervolume
 
 PKU_FIELDS = {"better_response_id": "helpful", "safer_response_id": "harmless"}
-NEIGHBOURS = float(os.environ.get("PANACEA_NEIGHBOURS", 0.0))  # experiment knob, to be fixed
 WINNER = "_winner"
 
 
@@ -184,17 +183,14 @@ class World(Source):
     def __init__(self, data_dir, seed, n_sft, n_pairs, label_temperature, write=True):
         self.seed, self.label_temperature = seed, label_temperature
         n_eval = max(200, n_pairs // 10)
-        q = f"-q{NEIGHBOURS}" if NEIGHBOURS else ""  # the share of neighbour pairs (world.preference_pairs)
-        paths = {"sft": f"sft-n{n_sft}-seed{seed}", "pairs": f"pairs-n{n_pairs}-T{label_temperature}{q}-seed{seed}",
-                 "pairs_eval": f"pairs_eval-n{n_eval}{q}-seed{seed}"}
+        paths = {"sft": f"sft-n{n_sft}-seed{seed}", "pairs": f"pairs-n{n_pairs}-T{label_temperature}-seed{seed}",
+                 "pairs_eval": f"pairs_eval-n{n_eval}-seed{seed}"}
         paths = {k: os.path.join(data_dir, v + ".jsonl") for k, v in paths.items()}
         if write:  # (under DDP rank 0 writes, the others wait and read)
             for name, make in (
                     ("sft", lambda: world.sft_corpus(n_sft, seed)),
-                    ("pairs", lambda: world.preference_pairs(n_pairs, "train", label_temperature, neighbour_prob=NEIGHBOURS,
-                                                             seed=seed)),
-                    ("pairs_eval", lambda: world.preference_pairs(n_eval, "eval", 0.0, neighbour_prob=NEIGHBOURS,
-                                                                  seed=seed))):
+                    ("pairs", lambda: world.preference_pairs(n_pairs, "train", label_temperature, seed=seed)),
+                    ("pairs_eval", lambda: world.preference_pairs(n_eval, "eval", 0.0, seed=seed))):
                 if not os.path.exists(paths[name]):
                     world.write_jsonl(paths[name], make())
         self.paths, self.describe, self.objectives = paths, "the embedded world", list(world.OBJECTIVES)

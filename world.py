@@ -9,9 +9,8 @@ Data flow:
     Response          -> text (" Sure. First, mix flour and water. Then, ... Please be careful.")
     text              -> parse(text) -> Response, or None when the text is malformed
     judge(task, Response|None, objective) -> ground-truth score (formulas at JUDGES below)
-    pairs: two responses per prompt (two draws of the behaviour, or a response and its neighbour,
-           one part away), one winner id per objective drawn from a Bradley-Terry model
-           P(response_0 wins on i) = sigmoid((J_i(r0) - J_i(r1)) / temperature)
+    pairs: two responses per prompt, one winner id per objective drawn from a Bradley-Terry
+           model P(response_0 wins on i) = sigmoid((J_i(r0) - J_i(r1)) / temperature)
     attainable_front(objectives): every expected score vector a policy can reach on the held-out
            prompts (one response per prompt, over every response that can be Pareto-optimal):
            the physical limit; ls_front(objectives, prefs): its linear-scalarisation points
@@ -30,7 +29,7 @@ import math
 import os
 import random
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from itertools import product
 
 # ----------------------------------------------------------------------------------------------
@@ -221,21 +220,6 @@ def flawed(task, response, rng):
     return Response(response.opening, False, tuple(steps), response.warning, response.padding)
 
 
-def neighbour(task, response, rng):
-    """A response one part away from `response` (one of the task's own): a step more or one fewer, a
-    refusal in place of the steps or steps in place of a refusal, or the warning toggled. Two draws
-    of the behaviour mostly differ in several parts at once; a pair of neighbours shows a reward
-    model what one part is worth (e.g. the fourth step, which the behaviour rarely gives)."""
-    steps, n = TASKS[task][1], len(response.steps)
-    options = [replace(response, warning=not response.warning)]
-    if response.refusal:
-        options.append(replace(response, refusal=False, steps=tuple(steps[: rng.randint(1, len(steps))])))
-    else:
-        options += [replace(response, steps=tuple(steps[:k])) for k in (n - 1, n + 1) if 1 <= k <= len(steps)]
-        options.append(replace(response, refusal=True, steps=()))
-    return rng.choice(options)
-
-
 def corrupt(text, rng):
     """A malformed variant of a well-formed text, made of its own words or sentences: a word or a
     sentence dropped, repeated or swapped, the text cut short, or a sentence spliced from the head
@@ -279,24 +263,18 @@ def sft_corpus(n, seed=0):
     return out
 
 
-def preference_pairs(n, split="train", temperature=0.1, corrupt_prob=0.1, flawed_prob=0.15, neighbour_prob=0.0,
-                     seed=0):
+def preference_pairs(n, split="train", temperature=0.1, corrupt_prob=0.1, flawed_prob=0.15, seed=0):
     """n PKU-SafeRLHF-like records {"prompt", "response_0", "response_1", "<objective>_winner"}.
     Each winner id is drawn from the Bradley-Terry model P(0 wins) = sigmoid((J(r0) - J(r1)) / T);
-    T = 0 gives noiseless labels, with -1 marking a tie (no preference). Two draws of the SFT
-    behaviour, or (with probability neighbour_prob) a response drawn uniformly from its support, so
-    every number of steps as often, and a neighbour of it; beside them a fraction of responses has
-    a wrong step (flawed) or is malformed (corrupted), so that reward models learn to punish what a
-    policy might try."""
+    T = 0 gives noiseless labels, with -1 marking a tie (no preference). Beside the SFT behaviour,
+    a fraction of responses has a wrong step (flawed) or is malformed (corrupted), so that reward
+    models learn to punish what a policy might try."""
     rng, ps = random.Random(seed + 1), prompts(split, seed)
     out = []
     for _ in range(n):
         t, p = rng.choice(ps)
         rs = [sample_response(t, rng) for _ in range(2)]
-        if neighbour_prob and rng.random() < neighbour_prob:
-            rs[0] = rng.choice([r for _, r in behaviour(t)])
-            rs[1] = neighbour(t, rs[0], rng)
-        elif rs[0] == rs[1]:
+        if rs[0] == rs[1]:
             rs[1] = sample_response(t, rng)
         rs = [flawed(t, r, rng) if rng.random() < flawed_prob else r for r in rs]
         texts = [corrupt(r.text(), rng) if rng.random() < corrupt_prob else r.text() for r in rs]

@@ -171,22 +171,3 @@ def test_the_world_tokenizer_round_trips_every_text_and_names_unknown_words():
     again = GPT2Tokenizer(tok.gpt2_ids)  # as rebuilt from a checkpoint's spec
     assert again.encode(tok.chat("How do I bake bread?")) == tok.encode(tok.chat("How do I bake bread?"))
 
-
-def test_a_neighbour_differs_in_one_part_and_neighbour_pairs_show_every_step_count():
-    rng = random.Random(0)
-    for _ in range(300):
-        t = rng.randrange(len(W.TASKS))
-        r = W.sample_response(t, rng)
-        n = W.neighbour(t, r, rng)
-        assert n != r and W.parse(n.text()) == n and n.opening == r.opening and n.padding == r.padding
-        steps = W.TASKS[t][1]
-        assert list(n.steps) == list(steps[: len(n.steps)])  # the task's own steps, in order
-        changed = (n.warning != r.warning) + (n.refusal != r.refusal) + (n.steps != r.steps and n.refusal == r.refusal)
-        assert changed == 1 or (n.refusal != r.refusal and n.warning == r.warning), (r, n)
-    pairs = W.preference_pairs(400, temperature=0.0, corrupt_prob=0.0, flawed_prob=0.0, neighbour_prob=1.0, seed=2)
-    three_four = 0
-    for rec in pairs:
-        t = W.task_of(rec["prompt"])
-        a, b = W.parse(rec["response_0"]), W.parse(rec["response_1"])
-        three_four += {len(a.steps), len(b.steps)} == {3, 4}
-    assert three_four > 20  # the contrast the behaviour's own pairs rarely give (4 steps are rare)
