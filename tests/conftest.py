@@ -7,6 +7,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # pytest.ini runs one worker per core: a thread each, for the scripts the tests start too
+    # (two workers of two threads on two cores spin-wait for each other)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 from model import GPT, GPTConfig  # noqa: E402
 from tokenizer import load as load_tokenizer  # noqa: E402
 

@@ -154,7 +154,7 @@ def test_three_objectives_end_to_end(base, tmp_path):
     assert front["objectives"] == ["helpful", "harmless", "concise"] and len(front["prefs"]) == 3
     assert all(len(p) == 3 for p in front["judge_scores"] + front["ls_judge_scores"] + front["rm_scores"] + [front["sft_rm_scores"]])
     assert os.path.getsize(out / "pareto.png") > 10000
-    p = train(base, tmp_path / "three-ppo", "--objectives", "helpful,harmless,concise", "--eval_divisions", "1", "--rl_iters", "1")
+    p = train(base, tmp_path / "three-ppo", "--objectives", "helpful,harmless,concise", "--rl_iters", "1", "--stage", "panacea")
     assert "panacea iter 1" in p.stdout
 
 
