@@ -321,7 +321,10 @@ STATIC_DECODE_DEVICES = ("cuda",)  # compiled, one graph of fixed shapes replaye
 @functools.cache
 def compiled_decode_step(device_type):
     """decode_step compiled once per device type and traced per model and shape: with fixed shapes (the whole
-    buffer, STATIC_DECODE_DEVICES), else with a dynamic key width (the columns written so far: fewer bytes)."""
+    buffer, STATIC_DECODE_DEVICES), else with a dynamic key width (the columns written so far: fewer bytes).
+    On a CPU the eager step: the compiled one segfaulted in about one test run in three."""
+    if device_type == "cpu":  # inductor's CPU kernels of this step crashed the process now and then (SIGSEGV)
+        return decode_step
     static = device_type in STATIC_DECODE_DEVICES
     return torch.compile(decode_step, mode="reduce-overhead" if static else None, dynamic=False if static else None)
 

@@ -1,8 +1,3 @@
-import os
-import shutil
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -192,34 +187,10 @@ def test_compiled_decoding_is_traced_once_per_shape(arch, monkeypatch):
     assert graphs_of_compiled_decoding(model, monkeypatch, static=False) == 3  # fixed, dynamic width, dynamic size
 
 
-COMPILED_EQUALS_EAGER = """
-import sys
-sys.path[:0] = sys.argv[1:]
-import torch
-from test_model import SAMPLINGS, generate_seeded, left_padded, tiny
-from svd_lora import set_preference
-model = tiny("gpt", lora=True)
-set_preference(model, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.2, 0.8]]))
-_, idx, real = left_padded()
-for sampling in SAMPLINGS[:2]:
-    a = generate_seeded(model, idx, 16, attention_mask=real, compile=True, **sampling)
-    assert torch.equal(a, generate_seeded(model, idx, 16, attention_mask=real, **sampling)), sampling
-print("compiled tokens equal eager tokens")
-"""
-
-
-@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler")
-def test_compiled_generation_equals_eager_generation():
-    """The real torch.compile path (inductor on the CPU): a few tens of seconds to compile. It runs in a
-    fresh interpreter of one thread: inside a pytest-xdist worker the compiled kernels have crashed
-    the worker (a segmentation fault, an abort) now and then, while they never did in a process of
-    their own."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    env["OMP_NUM_THREADS"] = "1"
-    p = subprocess.run([sys.executable, "-c", COMPILED_EQUALS_EAGER, here, os.path.dirname(here)], env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0 and "compiled tokens equal eager tokens" in p.stdout, p.stderr[-3000:]
+def test_compiled_decoding_on_a_cpu_is_the_eager_step():
+    """Inductor's CPU kernels of the decode step crashed the process (SIGSEGV) in about one test run in
+    three: on a CPU, compile=True decodes with the eager step (tests/test_cuda.py compiles on CUDA)."""
+    assert model_module.compiled_decode_step("cpu") is decode_step
 
 
 @pytest.mark.parametrize("arch", ["gpt", "llama"])
