@@ -18,7 +18,8 @@ tokens; PPO with 2 epochs of 2 minibatches of 32, m = 2 objectives.
     python bench.py                                   # on cuda if available
     python bench.py --n_layer 12 --n_head 12 --n_embd 768 --device cuda           # an 85 M GPT
     python bench.py --init_from smollm2-135m-instruct --batch_size 16             # a pretrained model
-    python bench.py --device cuda --compile           # also generate(compile=True): a CUDA graph (a CPU decodes eagerly)
+    python bench.py --device cuda --compile           # also generate(compile=True): a CUDA graph
+                                                      # (a CPU decodes eagerly)
 """
 import time
 

