@@ -32,7 +32,7 @@ import evaluate
 from cli import Parser, checked, fail, natural_int, nonnegative, positive, positive_int, probability
 from cli import device as device_flag
 from model import GPT, GPTConfig
-from panacea import fixed_prefs, pref_grid, sample_prefs
+from panacea import fixed_prefs, hypervolume, pref_grid, sample_prefs
 from rlhf import (DPOConfig, PPOConfig, advantages, collect, dpo_update, finished_scores, optimizer_step, pair_accuracy,
                   response_mask, reward_model_loss, rollout, update)
 from common import all_reduce, cosine_lr, print0, set_lr, steps, wrap
@@ -236,6 +236,11 @@ def train_sft(source, tok, resume):
 
 
 # ---------------------------------------------------------------------------------------------- reward models
+def eval_grid(m):
+    """The lambda grid a front is measured on (m = 2: the paper's 11 points)."""
+    return pref_grid(m, args.eval_divisions or (10 if m == 2 else 4))
+
+
 def train_rm(source, tok, sft, resume):
     """One Bradley-Terry head per labelled objective on the SFT trunk, then the heads' statistics on
     the SFT model's samples (PPO standardises every score with them)."""
@@ -280,6 +285,15 @@ def train_rm(source, tok, sft, resume):
               stats=dict(mean=s.mean(0), std=s.std(0).clamp_min(1e-3), max=s.max(0).values, min=s.min(0).values),
               iter_num=args.rm_iters, seconds=seconds + time.time() - t0)
     save_ckpt("rm", ck)
+    if source.judge is not None and rank == 0:  # the world: the best these reward models let PPO do (world.kl_optimum)
+        objectives = config["objectives"]
+        grid = eval_grid(len(objectives))
+        with autocast:
+            reward = evaluate.rm_reward(sft, ck, objectives, device)
+            limits = source.limits(objectives, grid, grid, args.kl_coef, reward)
+        ratio = hypervolume(limits["rm_ceiling"]["mode"], limits["reference_point"]) / limits["attainable_hypervolume"]
+        print0(f"rm: the KL optimum with these reward models (beta {args.kl_coef}) reaches {ratio:.3f} of the "
+               f"attainable front's hypervolume (the RM ceiling)")
     return ck
 
 
@@ -386,7 +400,7 @@ def train_panacea(source, tok, sft, rm, resume):
 def evaluate_front(source, sft, rm, pol):
     """The trained policy's front on the held-out prompts over the lambda grid: front.json, pareto.png, the table."""
     m = len(pol["objectives"])
-    standard = pref_grid(m, args.eval_divisions or (10 if m == 2 else 4))
+    standard = eval_grid(m)
     grid = pol["fixed_prefs"] if pol["method"] == "dps" else standard
     prompts = source.prompts("eval")[: None if source.judge else args.eval_prompts]  # the world's: all, as its limits
     with autocast:

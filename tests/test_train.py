@@ -1,6 +1,7 @@
 """End-to-end runs of train.py, sample.py and compare.py at tiny sizes (CPU, seconds each)."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -44,6 +45,8 @@ def base(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("base"))
     p = run("train.py", "--out_dir", d, "--stage", "sft,rm", *TINY)
     assert "well-formed sampled" in p.stdout and "held-out pair accuracy" in p.stdout
+    with open(os.path.join(d, "sft-rm.log"), "w") as f:
+        f.write(p.stdout)
     return d
 
 
@@ -73,6 +76,9 @@ def test_whole_pipeline_ppo_writes_the_front_and_answers_any_preference(base, pp
         assert c["beta"] == 0.05 and len(c["mode"]) == len(c["expectation"]) == len(c["kl"]) == 3
         assert 0 < c["ratio"]["mode"] <= 1 and 0 < c["ratio"]["expectation"] <= 1 and min(c["kl"]) >= 0
     assert "where the hypervolume goes" in p.stdout and "KL optimum with the reward models" in p.stdout
+    with open(os.path.join(base, "sft-rm.log")) as f:  # the rm stage printed the same ceiling as the evaluation records
+        printed = re.search(r"with these reward models \(beta 0.05\) reaches ([0-9.]+) of", f.read())
+    assert printed and float(printed.group(1)) == pytest.approx(front["rm_ceiling"]["ratio"]["mode"], abs=6e-4)
     assert len(front["judge_scores"]) == len(front["rm_scores"]) == len(front["ls_judge_scores"]) == 3
     assert front["scored_by"] == "the world's judges" and len(front["sft_rm_scores"]) == len(front["sft_judge_scores"]) == 2
     assert front["n_prompts"] == min(100, len(W.prompts("eval", 1337)))  # --eval_prompts 100 by default
