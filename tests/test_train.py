@@ -16,9 +16,8 @@ from conftest import ROOT
 
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--sft_iters", "40", "--batch_size", "16", "--n_sft", "600",
         "--rm_iters", "20", "--rm_batch_size", "8", "--n_pairs", "300", "--n_stat_samples", "32", "--warmup_iters", "5",
-        "--eval_interval", "20", "--log_interval", "1", "--max_new_tokens", "50"]
-TINY_RL = ["--rl_iters", "3", "--rollout_batch", "8", "--minibatch_size", "4", "--epochs", "1", "--pref_group", "4",
-           "--eval_divisions", "2"]
+        "--eval_interval", "20", "--log_interval", "1", "--max_new_tokens", "50", "--eval_divisions", "2"]
+TINY_RL = ["--rl_iters", "3", "--rollout_batch", "8", "--minibatch_size", "4", "--epochs", "1", "--pref_group", "4"]
 FRONT_KEYS = {"objectives", "prefs", "n_prompts", "judge_scores", "rm_scores", "sft_judge_scores", "sft_rm_scores", "scored_by",
               "ls_judge_scores", "attainable_front", "reference_point", "metrics", "cost"}
 CEILINGS = {"judge_ceiling", "rm_ceiling"}  # PPO's: the KL-regularised optimum at its beta
