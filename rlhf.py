@@ -17,8 +17,8 @@ One PPO iteration, with lambda fixed per sequence (train.py: collect -> advantag
     advantages  3. rewards: r_{i,t} = -beta (log pi - log pi_ref)_t  (+ score_i at the last response token)
                 4. GAE per objective (gamma = 1, lambda_GAE = 0.95) -> advantages A_i, returns
                 5. aggregate: A_lambda = sum_i w_i A_i with w = dg_lambda/dJ (LS: w = lambda; Tche: lambda_i
-                   on the active objective, chosen from the critic's estimates of J_i at the first response
-                   token, averaged over the sequences that share lambda), whitened per lambda group
+                   on the active objective, chosen from J_i estimated by the sequences' returns
+                   score_i - beta KL, averaged over the sequences that share lambda), whitened per lambda group
     update      6. a few epochs of clipped policy loss + clipped value loss on minibatches
 One Panacea-DPO step (dpo_update): reference log-ratios once, then epochs of minibatches of the
 aggregated per-objective DPO losses.
@@ -142,11 +142,15 @@ def group_weights(J, prefs, agg, ideal=None, mu=0.0):
     Tchebycheff, min_i lambda_i (J_i - z_i), is a function of the expected J under lambda: which
     objective is active must be decided on the group's mean, not per sequence (where the prompt,
     not lambda, would decide it). LS weights are lambda either way. J, prefs (B, m) -> (B, m)."""
+    return aggregation_weights(group_mean(J, prefs), prefs, agg, ideal, mu)
+
+
+def group_mean(x, prefs):
+    """x (B, m) with each row replaced by the mean over its group of sequences sharing lambda."""
     group = preference_groups(prefs)  # (B,) group id of each sequence
     ones = torch.ones_like(group, dtype=torch.float)
-    n = torch.zeros(int(group.max()) + 1, device=J.device).index_add_(0, group, ones)  # (G,) sequences per group
-    J_group = torch.zeros(n.size(0), J.size(1), device=J.device).index_add_(0, group, J.float()) / n[:, None]
-    return aggregation_weights(J_group[group], prefs, agg, ideal, mu)
+    n = torch.zeros(int(group.max()) + 1, device=x.device).index_add_(0, group, ones)  # (G,) sequences per group
+    return (torch.zeros(n.size(0), x.size(1), device=x.device).index_add_(0, group, x.float()) / n[:, None])[group]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,13 +297,16 @@ def advantages(batch, cfg, ideal=None):
     from one lambda to another (at a vertex one objective counts, in the middle both), and whitened
     over the whole batch the lambdas with the largest spread would steer the shared adapter and
     drown the small differences that matter at the others (RESULTS.md measures the difference). For
-    Tche the critic's value at the first response action estimates J_i(x, lambda), averaged over the
-    group. Adds "adv", "returns"."""
+    Tche, J_i(lambda) is the group's mean return of objective i, score_i - beta KL(sequence): a Monte-Carlo
+    estimate from the batch itself. (The critic's value at the first response action estimates the same,
+    but it starts from zero value heads and lags the policy, and an active objective chosen from its
+    estimates drove one seed's front to collapse: RESULTS.md.) Adds "adv", "returns"."""
     mask, values = batch["mask"], batch["values"]
     rewards = kl_penalised_rewards(batch["scores"], batch["logp"], batch["ref_logp"], mask, batch["slen"], cfg.kl_coef)
     adv, batch["returns"] = gae(rewards, values, mask, 1.0, cfg.gae_lambda)
-    J_est = values[torch.arange(values.size(0)), batch["plen"] - 1]
-    w = group_weights(J_est, batch["prefs"], cfg.agg, ideal, cfg.tche_mu)
+    J = batch["scores"] - cfg.kl_coef * ((batch["logp"] - batch["ref_logp"]) * mask).sum(-1, keepdim=True)  # (B, m)
+    batch["J"] = group_mean(J, batch["prefs"])  # (B, m): the estimate of J_i(lambda) of each sequence's group
+    w = aggregation_weights(batch["J"], batch["prefs"], cfg.agg, ideal, cfg.tche_mu)
     batch["adv"] = whiten((adv * w[:, None, :]).sum(-1), mask, preference_groups(batch["prefs"]))
     return batch
 

@@ -310,7 +310,7 @@ def train_ppo(policy, critic, opt, tok, prompts, judge, reward_model, stats, fix
     """rl_iters PPO iterations of one model (Panacea's, or a baseline's at its fixed lambda)."""
     cfg = PPOConfig(**{f.name: config[f.name] for f in dataclasses.fields(PPOConfig)})
     start = common.restore({"policy": policy, "critic": critic}, opt, done, args.seed, label) if done["iter_num"] else 0
-    ideal = done["ideal"] if start else (stats["max"] - stats["mean"]) / stats["std"]  # Tche's z: the best SFT sample
+    ideal = done["ideal"] if start else torch.zeros_like(stats["mean"])  # Tche's z: the SFT policy's J to begin with
     seconds, t0 = done["seconds"], time.time()
     train_policy, train_critic = wrap(policy, args.compile), wrap(critic, args.compile)
     for it in steps(start, args.rl_iters, label):
@@ -320,9 +320,8 @@ def train_ppo(policy, critic, opt, tok, prompts, judge, reward_model, stats, fix
             batch = collect(policy, critic, reward_model, tok, [tok.chat(q) for q in questions], prefs, cfg, stats)
             batch = advantages(batch, cfg, ideal)
             logs = update(train_policy, train_critic, opt, batch, cfg)
-        # the ideal point of Tchebycheff dominates every score seen: a running max of the finished responses' scores
-        best = torch.where(batch["finished"][:, None], batch["scores"], -math.inf).max(0).values
-        ideal = torch.maximum(ideal, all_reduce(best, device, "max"))
+        # the ideal point of Tchebycheff: the best J_i(lambda) seen, a running max of the groups' estimates
+        ideal = torch.maximum(ideal, all_reduce(batch["J"].max(0).values, device, "max"))
         if (it + 1) % args.log_interval == 0 or it == 0 or it + 1 == args.rl_iters:
             kl = ((batch["logp"] - batch["ref_logp"]) * batch["mask"]).sum(-1).mean().item()
             msg = f"kl {kl:.3f} pg {logs['pg_loss']:.4f} vf {logs['vf_loss']:.4f} clip {logs['clipfrac']:.3f} rm "

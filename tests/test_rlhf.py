@@ -13,7 +13,7 @@ from panacea import aggregate
 from data import encode_pairs, encode_samples, pack
 from rlhf import (DPOConfig, PPOConfig, advantages, bradley_terry_loss, collect, dpo_losses, dpo_update, gae,
                   kl_penalised_rewards, policy_loss, response_mask, rollout, sequence_logprobs, update,
-                  value_loss)
+                  value_loss, whiten)
 from svd_lora import disable_adapters, inject_svd_lora, lora_layers, set_preference
 
 
@@ -300,6 +300,27 @@ def test_tchebycheff_picks_the_active_objective_on_the_group_that_shares_lambda(
     assert torch.equal(group_weights(J, prefs, "ls"), prefs)
 
 
+def test_tchebycheff_chooses_the_active_objective_from_the_batch_returns_not_the_critic():
+    """J_i(lambda) for Tche is the group's mean of score_i - beta KL: a critic whose values say the
+    opposite (here objective 1 far behind) does not move the choice, it only enters GAE."""
+    B, T = 4, 5
+    mask = torch.zeros(B, T - 1)
+    mask[:, 1:] = 1.0  # actions 1..3 are the response (prompt_len 2, seq_len 5)
+    logp = torch.randn(B, T - 1, generator=torch.Generator().manual_seed(0)) * mask
+    batch = dict(mask=mask, logp=logp, ref_logp=torch.zeros(B, T - 1), slen=torch.full((B,), T),
+                 plen=torch.full((B,), 2), prefs=torch.tensor([[0.5, 0.5]]).expand(B, 2),
+                 scores=torch.tensor([[-2.0, 1.0], [-1.5, 0.8], [-2.5, 1.2], [-1.0, 0.9]]),  # objective 0 behind
+                 values=torch.tensor([5.0, -5.0]).expand(B, T - 1, 2).contiguous())  # the critic: objective 1
+    cfg = PPOConfig(agg="tche", kl_coef=0.05)
+    ideal = torch.tensor([1.0, 1.0])
+    adv = advantages(dict(batch), cfg, ideal)["adv"]
+    rewards = kl_penalised_rewards(batch["scores"], logp, batch["ref_logp"], mask, batch["slen"], cfg.kl_coef)
+    A, _ = gae(rewards, batch["values"], mask, 1.0, cfg.gae_lambda)
+    group = torch.zeros(B, dtype=torch.long)
+    assert torch.allclose(adv, whiten(A[..., 0], mask, group), atol=1e-5)  # objective 0 alone
+    assert not torch.allclose(adv, whiten(A[..., 1], mask, group), atol=1e-2)
+
+
 def _ppo_setup(tok, dropout=0.0):
     torch.manual_seed(0)
     cfg = dict(block_size=96, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=64, dropout=dropout)
@@ -405,7 +426,7 @@ def test_collect_advantages_update_keep_lambda_fixed_and_train_the_adapters(agg)
     tok = world_tokenizer()
     prompts = [tok.chat(p) for _, p in W.prompts("train")[:8]]
     prefs = torch.tensor([[0.3, 0.7], [0.7, 0.3]]).repeat_interleave(4, 0)
-    ideal = torch.tensor([0.4, -0.3])
+    ideal = torch.tensor([-5.0, 5.0])  # far above objective 1: it is active in every group
     rm_stats = {"mean": torch.tensor([0.1, -0.1]), "std": torch.tensor([0.5, 2.0]), "min": torch.tensor([-1.0, -2.0])}
 
     def setup():
