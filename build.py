@@ -4,7 +4,10 @@ Panacea or a baseline); train.py, evaluate.py and sample.py use these.
 
     load_gpt(sft_ck)                  the SFT model (a GPT or a pretrained Llama-style model, by its model_args),
                                       or its trunk with fresh scalar heads (n_heads_out > 0)
-    load_reward_model(rm_ck, sft_ck)  one Bradley-Terry head per objective, and the heads' score statistics
+    RewardEnsemble(members)           the reward model: K copies of the SFT trunk with one Bradley-Terry head per
+                                      objective each, trained side by side; it scores with their mean
+    load_reward_model(rm_ck, sft_ck)  the trained ensemble, its heads restricted to the run's objectives, and the
+                                      score statistics
     adapted_policy(...)               SFT model + Panacea's SVD-LoRA (k + m singular values, m of them lambda),
                                       or the baselines' plain low-rank adapter of the same rank
     critic_model(...)                 PPO's critic: the reward model's trunk, its own adapter, a value head each
@@ -30,6 +33,22 @@ def load_gpt(ck, device, n_heads_out=0, dtype=None):
     return model.to(dtype) if dtype is not None else model
 
 
+class RewardEnsemble(torch.nn.Module):
+    """K reward models, each the SFT trunk with one scalar head per objective, trained on batches of their own
+    (train.py:train_rm); the ensemble's output is their mean, (B, T, heads). A reward model fitted to
+    Bradley-Terry labels is wrong in its own way on the rare answers that decide a trade-off (a fourth
+    step, a warning after it); K independent fits average some of that out (RESULTS.md measures it)."""
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, idx):
+        return torch.stack([m(idx)[0] for m in self.members]).mean(0), None
+
+    configure_optimizers = GPT.configure_optimizers  # AdamW over every member's parameters
+
+
 def adapted_policy(sft_ck, m, conditioned, rank, alpha, device, dtype=None):
     """SFT model (frozen, in dtype) + adapter (float32): Panacea's SVD-LoRA with k + m singular values, m
     of them lambda; the baselines an ordinary low-rank adapter of the same rank k + m (no preference slots)."""
@@ -44,10 +63,12 @@ def lora_alpha(rank, m, pref_dim, alpha):
 
 
 def critic_model(sft_ck, rm_ck, m, conditioned, rank, alpha, device, dtype=None):
-    """The PPO critic: the reward model's trunk (frozen, in dtype) with its own SVD-LoRA (conditioned like
+    """The PPO critic: the first reward model's trunk (frozen, in dtype) with its own SVD-LoRA (conditioned like
     the policy) and a fresh, zero-initialised, trainable float32 value head per objective."""
     critic = GPT(GPTConfig(**sft_ck["model_args"], n_heads_out=m)).to(device)
-    critic.load_state_dict({k: v for k, v in rm_ck["model"].items() if not k.startswith("value_head")}, strict=False)
+    first = "members.0."
+    critic.load_state_dict({k[len(first):]: v for k, v in rm_ck["model"].items()
+                            if k.startswith(first) and not k.startswith(first + "value_head")}, strict=False)
     critic = critic.to(dtype) if dtype is not None else critic
     critic.value_head.float()
     torch.nn.init.zeros_(critic.value_head.weight)
@@ -99,15 +120,17 @@ def policy_at(sft_ck, pol_ck, pref, device):
 
 
 def load_reward_model(rm_ck, sft_ck, objectives, device, dtype=None):
-    """The reward model (in dtype) with its heads restricted to `objectives`, and their standardisation stats."""
+    """The reward model ensemble (in dtype), its heads restricted to `objectives`, and their standardisation stats."""
     heads = [rm_ck["objectives"].index(o) for o in objectives]
-    rm = GPT(GPTConfig(**sft_ck["model_args"], n_heads_out=len(rm_ck["objectives"]))).to(device)
+    config = GPTConfig(**sft_ck["model_args"], n_heads_out=len(rm_ck["objectives"]))
+    rm = RewardEnsemble([GPT(config) for _ in range(rm_ck["members"])]).to(device)
     rm.load_state_dict(rm_ck["model"])
-    with torch.no_grad():
-        head = torch.nn.Linear(rm.value_head.in_features, len(heads)).to(device)
-        head.weight.copy_(rm.value_head.weight[heads])
-        head.bias.copy_(rm.value_head.bias[heads])
-    rm.value_head = head
+    for member in rm.members:
+        with torch.no_grad():
+            head = torch.nn.Linear(member.value_head.in_features, len(heads)).to(device)
+            head.weight.copy_(member.value_head.weight[heads])
+            head.bias.copy_(member.value_head.bias[heads])
+        member.value_head = head
     rm = rm.to(dtype) if dtype is not None else rm
     return rm.eval(), {k: v[heads].to(device) for k, v in rm_ck["stats"].items()}
 

@@ -82,6 +82,8 @@ g = p.add_argument_group("rm")
 g.add_argument("--rm_iters", type=positive_int, default=600)
 g.add_argument("--rm_batch_size", type=positive_int, default=16, help="pairs per step")
 g.add_argument("--rm_lr", type=positive, default=5e-4)
+g.add_argument("--rm_members", type=positive_int, default=2, help="reward models trained side by side; "
+               "a response's score is their mean")
 g.add_argument("--n_pairs", type=positive_int, default=20000, help="world: preference pairs")
 g.add_argument("--label_temperature", type=nonnegative, default=0.1, help="world: Bradley-Terry noise of the labels")
 g.add_argument("--n_stat_samples", type=positive_int, default=512, help="SFT samples for the score statistics")
@@ -131,8 +133,8 @@ base_dir = args.base_dir or args.out_dir
 # reused only when they match (a changed flag never reuses a stale result).
 SFT_KEYS = ["sft_data", "seed", "init_from", "n_layer", "n_head", "n_embd", "block_size", "dropout", "sft_iters",
             "batch_size", "learning_rate", "warmup_iters", "weight_decay", "grad_clip", "n_sft"]
-RM_KEYS = SFT_KEYS + ["data", "rm_iters", "rm_batch_size", "rm_lr", "n_pairs", "label_temperature", "n_stat_samples",
-                      "max_new_tokens"]
+RM_KEYS = SFT_KEYS + ["data", "rm_iters", "rm_batch_size", "rm_lr", "rm_members", "n_pairs", "label_temperature",
+                      "n_stat_samples", "max_new_tokens"]
 PANACEA_KEYS = RM_KEYS + ["objectives", "method", "algo", "agg", "tche_mu", "rl_iters", "lora_rank", "lora_alpha",
                           "rl_lr", "vertex_prob", "rollout_batch", "pref_group", "minibatch_size", "epochs"]
 PANACEA_KEYS += ["kl_coef", "clip", "clip_value", "vf_coef", "gae_lambda", "temperature"] if args.algo == "ppo" else \
@@ -242,21 +244,27 @@ def eval_grid(m):
 
 
 def train_rm(source, tok, sft, resume):
-    """One Bradley-Terry head per labelled objective on the SFT trunk, then the heads' statistics on
-    the SFT model's samples (PPO standardises every score with them)."""
+    """--rm_members reward models side by side, each the SFT trunk with one Bradley-Terry head per labelled
+    objective, trained on batches of its own (build.RewardEnsemble scores with their mean); then the
+    ensemble's statistics on the SFT model's samples (PPO standardises every score with them)."""
     heads = source.objectives
     pairs = encoded(data.pair_tensors, source, tok, "train", heads)
     torch.manual_seed(args.seed + 1 + rank)
-    model = build.load_gpt(sft, device, n_heads_out=len(heads))
+    model = build.RewardEnsemble([build.load_gpt(sft, device, n_heads_out=len(heads))
+                                  for _ in range(args.rm_members)])
     opt = model.configure_optimizers(args.weight_decay, args.rm_lr, (0.9, 0.95), device_type)
     start = common.restore({"model": model}, opt, resume, args.seed, "rm") if resume else 0
-    seconds, t0, train_model = resume["seconds"] if resume else 0.0, time.time(), wrap(model.train(), args.compile)
+    seconds, t0 = resume["seconds"] if resume else 0.0, time.time()
+    members = [wrap(member.train(), args.compile) for member in model.members]
     for it in steps(start, args.rm_iters, "rm"):
         set_lr(opt, lr := cosine_lr(it, args.rm_iters, args.rm_lr, args.warmup_iters))
-        batch = data.pair_batch(pairs, torch.randint(len(pairs[3]), (args.rm_batch_size,)), device)
-        with autocast:
-            loss = reward_model_loss(train_model, batch)
+        loss = 0.0
+        for member in members:  # the sum: each member's gradient is that of its own loss
+            batch = data.pair_batch(pairs, torch.randint(len(pairs[3]), (args.rm_batch_size,)), device)
+            with autocast:
+                loss = loss + reward_model_loss(member, batch)
         optimizer_step(opt, loss, args.grad_clip)
+        loss = loss / len(members)
         if (it + 1) % args.eval_interval == 0 or it == 0 or it + 1 == args.rm_iters:
             print0(f"rm iter {it + 1}: loss {all_reduce(loss.item(), device).item():.4f}, lr {lr:.2e}")
         if (it + 1) % args.ckpt_interval == 0 and it + 1 < args.rm_iters:
@@ -281,7 +289,8 @@ def train_rm(source, tok, sft, resume):
         s = torch.cat(gathered).to(device)
     if len(s) < 2:
         fail(f"rm: {len(s)} of the SFT model's samples ended within --max_new_tokens {args.max_new_tokens}; raise it")
-    ck = dict(model=model.state_dict(), model_args=sft["model_args"], objectives=heads, accuracy=acc, finished=True,
+    ck = dict(model=model.state_dict(), members=args.rm_members, model_args=sft["model_args"], objectives=heads,
+              accuracy=acc, finished=True,
               stats=dict(mean=s.mean(0), std=s.std(0).clamp_min(1e-3), max=s.max(0).values, min=s.min(0).values),
               iter_num=args.rm_iters, seconds=seconds + time.time() - t0)
     save_ckpt("rm", ck)

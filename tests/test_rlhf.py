@@ -465,11 +465,12 @@ def test_frozen_weights_in_bfloat16_keep_the_trained_parts_in_float32():
     """The Panacea stage's frozen copies (policy base, critic trunk, reward model) may be bfloat16 to halve
     their memory (train.py does so on a GPU); what trains stays float32, and under autocast the model
     computes what the float32 one does, to bfloat16 rounding."""
-    from build import adapted_policy, critic_model, load_reward_model
+    from build import RewardEnsemble, adapted_policy, critic_model, load_reward_model
     model = tiny_gpt(vocab_size=40)
     args = dict(block_size=32, vocab_size=40, n_layer=2, n_head=2, n_embd=64)
     sft = {"model": model.state_dict(), "model_args": args}
-    rm = {"model": tiny_gpt(n_heads_out=2, vocab_size=40).state_dict(), "objectives": ["a", "b"],
+    members = [tiny_gpt(n_heads_out=2, vocab_size=40, seed=s) for s in (1, 2)]
+    rm = {"model": RewardEnsemble(members).state_dict(), "members": 2, "objectives": ["a", "b"],
           "stats": {k: torch.zeros(2) for k in ("mean", "std", "min", "max")}}
     idx = torch.randint(40, (3, 10))
     for build, extra in ((adapted_policy, (sft,)), (critic_model, (sft, rm))):
@@ -492,7 +493,11 @@ def test_frozen_weights_in_bfloat16_keep_the_trained_parts_in_float32():
             a, b = full.eval()(idx)[0].float(), half.eval()(idx)[0].float()
         assert a.abs().max() > 0.1 and (a - b).abs().max() < 0.05 * a.abs().max() + 0.05
     reward_model, _ = load_reward_model(rm, sft, ["b"], "cpu", torch.bfloat16)
-    assert all(q.dtype == torch.bfloat16 for q in reward_model.parameters()) and reward_model.value_head.out_features == 1
+    assert all(q.dtype == torch.bfloat16 for q in reward_model.parameters())
+    assert all(member.value_head.out_features == 1 for member in reward_model.members)
+    with torch.no_grad():  # the ensemble scores objective "b" with the mean of its members' "b" heads
+        want = torch.stack([member(idx)[0][..., 1] for member in members]).mean(0)
+        assert torch.allclose(load_reward_model(rm, sft, ["b"], "cpu")[0](idx)[0][..., 0], want, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["gpt", "llama"])

@@ -49,6 +49,28 @@ def base(tmp_path_factory):
     return d
 
 
+def test_the_reward_model_is_two_members_trained_apart_and_the_critic_reads_the_first(base):
+    """--rm_members 2 (the default): two reward models side by side, each from the SFT trunk with heads of
+    its own and its own batches, so their weights part; the ensemble scores with their mean, and the
+    critic starts from the first member's trunk."""
+    from build import critic_model, load_reward_model
+    sft = torch.load(os.path.join(base, "sft", "ckpt.pt"), weights_only=True)
+    rm = torch.load(os.path.join(base, "rm", "ckpt.pt"), weights_only=True)
+    assert rm["members"] == 2 and rm["config"]["rm_members"] == 2
+    names = [k[len("members.0."):] for k in rm["model"] if k.startswith("members.0.")]
+    parted = [k for k in names if not torch.equal(rm["model"]["members.0." + k], rm["model"]["members.1." + k])]
+    assert "value_head.weight" in parted and any(k.startswith("transformer.") for k in parted)
+    model, _ = load_reward_model(rm, sft, ["helpful", "harmless"], "cpu")
+    idx = torch.randint(sft["model_args"]["vocab_size"], (2, 12))
+    with torch.no_grad():
+        scores = [member(idx)[0] for member in model.members]
+        assert torch.allclose(model(idx)[0], (scores[0] + scores[1]) / 2, atol=1e-6)
+    critic = critic_model(sft, rm, 2, True, 2, 4.0, "cpu")
+    trunk = {k: v for k, v in critic.state_dict().items() if k.startswith("transformer.") and "lora" not in k}
+    first = {k.replace(".base.", "."): v for k, v in trunk.items()}  # an adapted layer keeps W0 as .base
+    assert first and all(torch.equal(v, rm["model"]["members.0." + k]) for k, v in first.items())
+
+
 def train(base, out, *extra):
     return run("train.py", "--base_dir", base, "--out_dir", str(out), "--stage", "panacea,eval", *TINY, *TINY_RL, *extra)
 
