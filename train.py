@@ -82,7 +82,7 @@ g = p.add_argument_group("rm")
 g.add_argument("--rm_iters", type=positive_int, default=600)
 g.add_argument("--rm_batch_size", type=positive_int, default=16, help="pairs per step")
 g.add_argument("--rm_lr", type=positive, default=5e-4)
-g.add_argument("--rm_members", type=positive_int, default=2, help="reward models trained side by side; "
+g.add_argument("--rm_members", type=positive_int, default=1, help="reward models trained side by side; "
                "a response's score is their mean")
 g.add_argument("--n_pairs", type=positive_int, default=20000, help="world: preference pairs")
 g.add_argument("--label_temperature", type=nonnegative, default=0.1, help="world: Bradley-Terry noise of the labels")

@@ -16,7 +16,7 @@ from conftest import ROOT
 
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--sft_iters", "40", "--batch_size", "16", "--n_sft", "600",
         "--rm_iters", "20", "--rm_batch_size", "8", "--n_pairs", "300", "--n_stat_samples", "32", "--warmup_iters", "5",
-        "--eval_interval", "20", "--log_interval", "1", "--max_new_tokens", "50", "--eval_divisions", "2"]
+        "--eval_interval", "20", "--log_interval", "1", "--max_new_tokens", "50", "--eval_divisions", "2", "--rm_members", "2"]
 TINY_RL = ["--rl_iters", "3", "--rollout_batch", "8", "--minibatch_size", "4", "--epochs", "1", "--pref_group", "4"]
 FRONT_KEYS = {"objectives", "prefs", "n_prompts", "judge_scores", "rm_scores", "sft_judge_scores", "sft_rm_scores", "scored_by",
               "ls_judge_scores", "attainable_front", "reference_point", "metrics", "cost"}
@@ -50,9 +50,9 @@ def base(tmp_path_factory):
 
 
 def test_the_reward_model_is_two_members_trained_apart_and_the_critic_reads_the_first(base):
-    """--rm_members 2 (the default): two reward models side by side, each from the SFT trunk with heads of
-    its own and its own batches, so their weights part; the ensemble scores with their mean, and the
-    critic starts from the first member's trunk."""
+    """--rm_members 2: two reward models side by side, each from the SFT trunk with heads of its own and its
+    own batches, so their weights part; the ensemble scores with their mean, and the critic starts from
+    the first member's trunk."""
     from build import critic_model, load_reward_model
     sft = torch.load(os.path.join(base, "sft", "ckpt.pt"), weights_only=True)
     rm = torch.load(os.path.join(base, "rm", "ckpt.pt"), weights_only=True)
