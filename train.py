@@ -103,7 +103,8 @@ g.add_argument("--vertex_prob", type=probability, default=0.3, help="share of la
 g.add_argument("--rollout_batch", type=positive_int, default=64, help="prompts per iteration per process (DPO: pairs)")
 g.add_argument("--pref_group", type=positive_int, default=8, help="sequences (DPO: pairs) that share one lambda draw")
 g.add_argument("--minibatch_size", type=positive_int, default=PPOConfig.minibatch_size)
-g.add_argument("--epochs", type=positive_int, default=PPOConfig.epochs, help="passes over each iteration's batch")
+g.add_argument("--epochs", type=positive_int, default=None,
+               help=f"passes over each iteration's batch (PPO {PPOConfig.epochs}, DPO {DPOConfig.epochs} when not given)")
 g.add_argument("--dps_points", type=checked(int, 2, name="a whole number >= 2"), default=5,
                help="DPS grid size (m >= 3: the smallest simplex lattice that large)")
 g = p.add_argument_group("ppo")
@@ -127,6 +128,7 @@ if p.parse_known_args()[0].init_from:
 args = p.parse_args()
 if args.rollout_batch % args.pref_group:
     p.error(f"--rollout_batch ({args.rollout_batch}) must be a multiple of --pref_group ({args.pref_group})")
+args.epochs = args.epochs or (PPOConfig.epochs if args.algo == "ppo" else DPOConfig.epochs)
 config = vars(args)
 base_dir = args.base_dir or args.out_dir
 # The flags each stage's result depends on: its checkpoint records them, and a finished stage is
