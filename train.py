@@ -104,7 +104,7 @@ g.add_argument("--rollout_batch", type=positive_int, default=64, help="prompts p
 g.add_argument("--pref_group", type=positive_int, default=8, help="sequences (DPO: pairs) that share one lambda draw")
 g.add_argument("--minibatch_size", type=positive_int, default=PPOConfig.minibatch_size)
 g.add_argument("--epochs", type=positive_int, default=None,
-               help=f"passes over each iteration's batch (PPO {PPOConfig.epochs}, DPO {DPOConfig.epochs} when not given)")
+               help=f"passes over each iteration's batch (unset: PPO {PPOConfig.epochs}, DPO {DPOConfig.epochs})")
 g.add_argument("--dps_points", type=checked(int, 2, name="a whole number >= 2"), default=5,
                help="DPS grid size (m >= 3: the smallest simplex lattice that large)")
 g = p.add_argument_group("ppo")
