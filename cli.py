@@ -49,6 +49,16 @@ nonnegative = checked(float, 0.0, name="a number >= 0")
 probability = checked(float, 0.0, 1.0, name="a number in [0, 1]")
 
 
+def subset(names):
+    """An argparse type: "all" (every one of names, in order) or a comma list of some of them."""
+    def parse(text):
+        chosen = list(names) if text == "all" else text.split(",")
+        if any(s not in names for s in chosen):
+            raise argparse.ArgumentTypeError(f"takes all or a comma list of {','.join(names)}; got {text!r}")
+        return chosen
+    return parse
+
+
 def device(text):
     """An argparse type: auto (cuda if available, else cpu), cpu, cuda or cuda:N on a machine that has it."""
     if text == "auto":

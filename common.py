@@ -51,6 +51,15 @@ def all_reduce(x, device, op="mean"):
     return t
 
 
+def gather_rows(x):
+    """x (N, ...) with N per process concatenated over processes in rank order (x itself when not distributed)."""
+    if not distributed():
+        return x
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, x.cpu())
+    return torch.cat(gathered).to(x.device)
+
+
 def wrap(model, compile=False):
     """A training model, compiled if asked and DDP-wrapped under torchrun. Buffers are not broadcast:
     lambda (a buffer) differs from process to process."""

@@ -11,6 +11,9 @@ The Pareto front of a trained policy on held-out prompts, and its plots (train.p
                         the run's reward models as rewards). Data without judges (your own) is measured
                         with the reward models alone, as in the paper, and the front says so ("scored_by").
     rm_reward(...)      the run's reward models as reward(prompts, texts), for the reward-model ceiling
+    rm_ceiling(...)     that ceiling's hypervolume over the attainable front's (the rm stage prints it)
+    pair_accuracy(...)  the share of held-out pairs the reward models order as their labels do, per head
+    well_formed(...)    the share of a model's responses to the held-out prompts that are well formed (the world's)
     print_front, write_front(front, out_dir)   the table, front.json and pareto.png
     plot_fronts([(label, front)], path)        m = 2: one panel; m >= 3: pairwise projections + a 3-D view
 """
@@ -22,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from build import load_gpt, load_reward_model, policy_at
-from data import encode_samples
+from common import all_reduce
+from data import encode_samples, pair_batch
 from panacea import front_metrics, hypervolume
 from rlhf import last_token_values, rollout, standardised_scores
 from tokenizer import load as load_tokenizer
@@ -101,6 +105,34 @@ def rm_reward(sft_ck, rm_ck, objectives, device):
         return torch.cat(out).numpy()
 
     return reward
+
+
+def rm_ceiling(sft_ck, rm_ck, source, objectives, grid, beta, device):
+    """HV / attainable of the KL optimum at beta with the run's reward models as rewards (world.kl_optimum)."""
+    limits = source.limits(objectives, grid, grid, beta, rm_reward(sft_ck, rm_ck, objectives, device))
+    return hypervolume(limits["rm_ceiling"]["mode"], limits["reference_point"]) / limits["attainable_hypervolume"]
+
+
+@torch.no_grad()
+def pair_accuracy(model, pairs, device, rank=0, world_size=1):
+    """Per head, the share of pairs (data.pair_tensors) the reward models order as the labels do, ties left
+    out; every process scores its share of the pairs, in batches of 256."""
+    correct = count = 0
+    for ix in torch.arange(len(pairs[3]))[rank::world_size].split(256):
+        tokens, _, slen, winners = pair_batch(pairs, ix, device)
+        r = last_token_values(model, tokens, slen).float()  # (2B, m): first responses 0, then responses 1
+        labelled = winners >= 0
+        correct = correct + (((r[: winners.size(0)] > r[winners.size(0):]) == (winners == 0)) & labelled).sum(0)
+        count = count + labelled.sum(0)
+    return (all_reduce(correct, device) / all_reduce(count, device)).tolist()
+
+
+def well_formed(model, tok, source, temperature, max_new_tokens, device, rank=0, world_size=1):
+    """The share of the model's responses to the source's held-out prompts that source.well_formed accepts
+    (an unfinished response is not); every process answers its share of the prompts."""
+    texts = rollout(model, tok, [tok.chat(q) for q in source.prompts("eval")[rank::world_size]], None,
+                    max_new_tokens, temperature)[3]
+    return all_reduce(sum(t is not None and source.well_formed(t) for t in texts) / len(texts), device).item()
 
 
 def record(sums, grid, pol_ck, limits, n_prompts):

@@ -111,18 +111,6 @@ def reward_model_loss(model, batch):
     return bradley_terry_loss(chosen[valid], rejected[valid])
 
 
-@torch.no_grad()
-def pair_accuracy(model, batches):
-    """(correct, count) per head over batches of pairs: the model orders a pair as its label does (ties left out)."""
-    correct = count = 0
-    for tokens, _, slen, winners in batches:
-        r = last_token_values(model, tokens, slen).float()
-        labelled = winners >= 0
-        correct = correct + (((r[: winners.size(0)] > r[winners.size(0):]) == (winners == 0)) & labelled).sum(0)
-        count = count + labelled.sum(0)
-    return correct, count
-
-
 def dpo_losses(logratio_0, logratio_1, winners, beta):
     """Per-objective DPO losses of pairs: log-ratios h = log pi/pi_ref of response_0 and response_1,
     (B,) each, winner ids (B, m) -> (B, m) of -log sigmoid(beta (h_w - h_l)). A tie (winner -1)

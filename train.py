@@ -15,11 +15,9 @@ unfinished one resumes from its last checkpoint (written atomically every --ckpt
     python train.py --init_from smollm2-135m-instruct         # the same from a pretrained model
     torchrun --standalone --nproc_per_node=2 train.py         # with DDP (gloo on CPU, NCCL on GPU)
 """
-import argparse
 import dataclasses
 import math
 import os
-import sys
 import time
 
 import torch
@@ -29,33 +27,24 @@ import build
 import common
 import data
 import evaluate
-from cli import Parser, checked, fail, natural_int, nonnegative, positive, positive_int, probability
+from cli import Parser, checked, fail, natural_int, nonnegative, positive, positive_int, probability, subset
 from cli import device as device_flag
 from model import GPT, GPTConfig
-from panacea import fixed_prefs, hypervolume, pref_grid, sample_prefs
-from rlhf import (DPOConfig, PPOConfig, advantages, collect, dpo_update, finished_scores, optimizer_step, pair_accuracy,
-                  response_mask, reward_model_loss, rollout, update)
+from panacea import fixed_prefs, pref_grid, sample_prefs
+from rlhf import (DPOConfig, PPOConfig, advantages, collect, dpo_update, finished_scores, optimizer_step,
+                  response_mask, reward_model_loss, update)
 from common import all_reduce, cosine_lr, print0, set_lr, steps, wrap
 from svd_lora import lora_state_dict
 from tokenizer import load as load_tokenizer
 
 # ---------------------------------------------------------------------------------------------- config
 STAGES = ("sft", "rm", "panacea", "eval")
-
-
-def stage_list(text):
-    stages = list(STAGES) if text == "all" else text.split(",")
-    if any(s not in STAGES for s in stages):
-        raise argparse.ArgumentTypeError(f"takes all or a comma list of {','.join(STAGES)}; got {text!r}")
-    return stages
-
-
 p = Parser(__doc__.split("\n")[1])
 g = p.add_argument_group("run")
 g.add_argument("--out_dir", default="out")
 g.add_argument("--base_dir", default=None, help="where the sft and rm stages live (default: out_dir)")
 g.add_argument("--data_dir", default=None, help="your own pairs.jsonl (+ pairs_eval.jsonl, sft.jsonl; see data.py)")
-g.add_argument("--stage", type=stage_list, default="all", help="all, or a comma list of sft,rm,panacea,eval")
+g.add_argument("--stage", type=subset(STAGES), default="all", help="all, or a comma list of sft,rm,panacea,eval")
 g.add_argument("--device", type=device_flag, default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
 g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bfloat16 on cuda")
 g.add_argument("--compile", action="store_true", help="torch.compile the training passes and the rollouts' decoding")
@@ -232,10 +221,8 @@ def train_sft(source, tok, resume):
     torch.manual_seed(args.seed)
     for name, temp in (("sampled", 1.0), ("greedy", 0.0)) if source.well_formed else ():  # on the held-out prompts
         with autocast:
-            texts = rollout(model, tok, [tok.chat(q) for q in source.prompts("eval")[rank::world_size]], None,
-                            args.max_new_tokens, temp)[3]
-        share = sum(t is not None and source.well_formed(t) for t in texts) / len(texts)
-        print0(f"sft: well-formed {name} responses on held-out prompts: {all_reduce(share, device).item():.3f}")
+            share = evaluate.well_formed(model, tok, source, temp, args.max_new_tokens, device, rank, world_size)
+        print0(f"sft: well-formed {name} responses on held-out prompts: {share:.3f}")
     return ck
 
 
@@ -266,29 +253,21 @@ def train_rm(source, tok, sft, resume):
             with autocast:
                 loss = loss + reward_model_loss(member, batch)
         optimizer_step(opt, loss, args.grad_clip)
-        loss = loss / len(members)
-        if (it + 1) % args.eval_interval == 0 or it == 0 or it + 1 == args.rm_iters:
-            print0(f"rm iter {it + 1}: loss {all_reduce(loss.item(), device).item():.4f}, lr {lr:.2e}")
+        if (it + 1) % args.eval_interval == 0 or it == 0 or it + 1 == args.rm_iters:  # the members' mean loss
+            print0(f"rm iter {it + 1}: loss {all_reduce(loss.item() / len(members), device).item():.4f}, lr {lr:.2e}")
         if (it + 1) % args.ckpt_interval == 0 and it + 1 < args.rm_iters:
             seconds, t0 = seconds + time.time() - t0, time.time()
             save_ckpt("rm", common.snapshot({"model": model}, opt, iter_num=it + 1, seconds=seconds))
     common.check_sync("rm model", model)
-    model.eval()
     eval_pairs = encoded(data.pair_tensors, source, tok, "eval", heads)  # the world's: against noiseless judges
-    with autocast:  # this process's share of the pairs, in batches of 256
-        ix = torch.arange(len(eval_pairs[3]))[rank::world_size]
-        correct, count = pair_accuracy(model, (data.pair_batch(eval_pairs, b, device) for b in ix.split(256)))
-    acc = (all_reduce(correct, device) / all_reduce(count, device)).tolist()
+    with autocast:
+        acc = evaluate.pair_accuracy(model.eval(), eval_pairs, device, rank, world_size)
     print0("rm: held-out pair accuracy " + ", ".join(f"{o} {a:.3f}" for o, a in zip(heads, acc)))
     torch.manual_seed(args.seed + rank)  # the statistics: every head on the SFT policy's samples (train prompts)
     sft_model, ps = build.load_gpt(sft, device).eval(), source.prompts("train")
     prompts = [tok.chat(ps[i]) for i in torch.randint(len(ps), (args.n_stat_samples // world_size,)).tolist()]
-    with autocast:
-        s = finished_scores(model, sft_model, tok, prompts, args.max_new_tokens)
-    if world_size > 1:  # ranks may hold different numbers of finished samples
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, s.cpu())
-        s = torch.cat(gathered).to(device)
+    with autocast:  # ranks may hold different numbers of finished samples
+        s = common.gather_rows(finished_scores(model, sft_model, tok, prompts, args.max_new_tokens))
     if len(s) < 2:
         fail(f"rm: {len(s)} of the SFT model's samples ended within --max_new_tokens {args.max_new_tokens}; raise it")
     ck = dict(model=model.state_dict(), members=args.rm_members, model_args=sft["model_args"], objectives=heads,
@@ -298,11 +277,8 @@ def train_rm(source, tok, sft, resume):
     save_ckpt("rm", ck)
     if source.judge is not None and rank == 0:  # the world: the best these reward models let PPO do (world.kl_optimum)
         objectives = config["objectives"]
-        grid = eval_grid(len(objectives))
         with autocast:
-            reward = evaluate.rm_reward(sft, ck, objectives, device)
-            limits = source.limits(objectives, grid, grid, args.kl_coef, reward)
-        ratio = hypervolume(limits["rm_ceiling"]["mode"], limits["reference_point"]) / limits["attainable_hypervolume"]
+            ratio = evaluate.rm_ceiling(sft, ck, source, objectives, eval_grid(len(objectives)), args.kl_coef, device)
         print0(f"rm: the KL optimum with these reward models (beta {args.kl_coef}) reaches {ratio:.3f} of the "
                f"attainable front's hypervolume (the RM ceiling)")
     return ck
