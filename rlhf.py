@@ -155,7 +155,7 @@ def rollout(policy, tok, prompts, prefs, max_new_tokens, temperature=1.0, top_k=
     compiled step (model.generate), the prompts padded to a multiple of 16 so that few shapes are traced."""
     device = next(policy.parameters()).device
     enc = [tok.encode(p) for p in prompts]
-    B, P = len(enc), max(len(e) for e in enc)
+    P = max(len(e) for e in enc)
     P = -(-P // 16) * 16 if compile else P  # (left padding is masked and counts no position)
     idx = torch.tensor([[tok.eot] * (P - len(e)) + e for e in enc], device=device)
     real = torch.tensor([[0] * (P - len(e)) + [1] * len(e) for e in enc], device=device)
