@@ -70,9 +70,10 @@ def aggregation_weights(J, pref, method="ls", ideal=None, mu=0.0):
     return w
 
 
-def pref_grid(m, divisions=10):
+def pref_grid(m, divisions=None):
     """All lambda with entries in {0, 1/d, ..., 1} summing to 1 (d = divisions), lambda_1 ascending.
-    m = 2, d = 10 gives the paper's 11-point grid."""
+    The evaluation's default d: 10 for m = 2 (the paper's 11-point grid), 4 for m >= 3 (15 points at m = 3)."""
+    divisions = divisions or (10 if m == 2 else 4)
     pts = [c for c in np.ndindex(*(divisions + 1,) * (m - 1)) if sum(c) <= divisions]
     grid = [[c / divisions for c in pt] + [(divisions - sum(pt)) / divisions] for pt in pts]
     return sorted(grid)

@@ -227,11 +227,6 @@ def train_sft(source, tok, resume):
 
 
 # ---------------------------------------------------------------------------------------------- reward models
-def eval_grid(m):
-    """The lambda grid a front is measured on (m = 2: the paper's 11 points)."""
-    return pref_grid(m, args.eval_divisions or (10 if m == 2 else 4))
-
-
 def train_rm(source, tok, sft, resume):
     """--rm_members reward models side by side, each the SFT trunk with one Bradley-Terry head per labelled
     objective, trained on batches of its own (build.RewardEnsemble scores with their mean); then the
@@ -278,7 +273,8 @@ def train_rm(source, tok, sft, resume):
     if source.judge is not None and rank == 0:  # the world: the best these reward models let PPO do (world.kl_optimum)
         objectives = config["objectives"]
         with autocast:
-            ratio = evaluate.rm_ceiling(sft, ck, source, objectives, eval_grid(len(objectives)), args.kl_coef, device)
+            ratio = evaluate.rm_ceiling(sft, ck, source, objectives, pref_grid(len(objectives), args.eval_divisions),
+                                        args.kl_coef, device)
         print0(f"rm: the KL optimum with these reward models (beta {args.kl_coef}) reaches {ratio:.3f} of the "
                f"attainable front's hypervolume (the RM ceiling)")
     return ck
@@ -386,7 +382,7 @@ def train_panacea(source, tok, sft, rm, resume):
 def evaluate_front(source, sft, rm, pol):
     """The trained policy's front on the held-out prompts over the lambda grid: front.json, pareto.png, the table."""
     m = len(pol["objectives"])
-    standard = eval_grid(m)
+    standard = pref_grid(m, args.eval_divisions)
     grid = pol["fixed_prefs"] if pol["method"] == "dps" else standard
     prompts = source.prompts("eval")[: None if source.judge else args.eval_prompts]  # the world's: all, as its limits
     with autocast:
