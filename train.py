@@ -83,7 +83,8 @@ g.add_argument("--objectives", default=None, help="2 or more the data labels (wo
 g.add_argument("--method", default="panacea", choices=["panacea", "rs", "dps"])
 g.add_argument("--algo", default="ppo", choices=["ppo", "dpo"])
 g.add_argument("--agg", default=PPOConfig.agg, choices=["ls", "tche"])
-g.add_argument("--tche_mu", type=nonnegative, default=PPOConfig.tche_mu, help="> 0: smooth Tchebycheff")
+g.add_argument("--tche_mu", type=nonnegative, default=None, help="Tchebycheff's smoothing temperature, 0: the hard "
+               f"min (unset: PPO {PPOConfig.tche_mu}, DPO {DPOConfig.tche_mu})")
 g.add_argument("--rl_iters", type=positive_int, default=80)
 g.add_argument("--lora_rank", type=positive_int, default=8, help="k, the preference-agnostic singular values")
 g.add_argument("--lora_alpha", type=positive, default=16.0)
@@ -117,7 +118,9 @@ if p.parse_known_args()[0].init_from:
 args = p.parse_args()
 if args.rollout_batch % args.pref_group:
     p.error(f"--rollout_batch ({args.rollout_batch}) must be a multiple of --pref_group ({args.pref_group})")
-args.epochs = args.epochs or (PPOConfig.epochs if args.algo == "ppo" else DPOConfig.epochs)
+defaults = PPOConfig if args.algo == "ppo" else DPOConfig  # --epochs and --tche_mu resolve per algorithm
+args.epochs = args.epochs or defaults.epochs
+args.tche_mu = defaults.tche_mu if args.tche_mu is None and args.agg == "tche" else args.tche_mu or 0.0  # LS: 0
 config = vars(args)
 base_dir = args.base_dir or args.out_dir
 # The flags each stage's result depends on: its checkpoint records them, and a finished stage is

@@ -311,7 +311,7 @@ def test_tchebycheff_chooses_the_active_objective_from_the_batch_returns_not_the
                  plen=torch.full((B,), 2), prefs=torch.tensor([[0.5, 0.5]]).expand(B, 2),
                  scores=torch.tensor([[-2.0, 1.0], [-1.5, 0.8], [-2.5, 1.2], [-1.0, 0.9]]),  # objective 0 behind
                  values=torch.tensor([5.0, -5.0]).expand(B, T - 1, 2).contiguous())  # the critic: objective 1
-    cfg = PPOConfig(agg="tche", kl_coef=0.05)
+    cfg = PPOConfig(agg="tche", tche_mu=0.0, kl_coef=0.05)  # the hard min: one objective alone
     ideal = torch.tensor([1.0, 1.0])
     adv = advantages(dict(batch), cfg, ideal)["adv"]
     rewards = kl_penalised_rewards(batch["scores"], logp, batch["ref_logp"], mask, batch["slen"], cfg.kl_coef)
