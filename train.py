@@ -274,10 +274,9 @@ def train_rm(source, tok, sft, resume):
               iter_num=args.rm_iters, seconds=seconds + time.time() - t0)
     save_ckpt("rm", ck)
     if source.judge is not None and rank == 0:  # the world: the best these reward models let PPO do (world.kl_optimum)
-        objectives = config["objectives"]
+        grid = pref_grid(len(config["objectives"]), args.eval_divisions)
         with autocast:
-            ratio = evaluate.rm_ceiling(sft, ck, source, objectives, pref_grid(len(objectives), args.eval_divisions),
-                                        args.kl_coef, device)
+            ratio = evaluate.rm_ceiling(sft, ck, source, config["objectives"], grid, args.kl_coef, device)
         print0(f"rm: the KL optimum with these reward models (beta {args.kl_coef}) reaches {ratio:.3f} of the "
                f"attainable front's hypervolume (the RM ceiling)")
     return ck
