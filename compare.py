@@ -20,7 +20,8 @@ import os
 import numpy as np
 
 from cli import Parser, fail
-from evaluate import RM_REFERENCE, plot_fronts
+from evaluate import RM_REFERENCE
+from plot import plot_fronts
 from panacea import front_metrics
 
 COLUMNS = [("hv", "HV"), ("hv_ratio", "HV / attainable"), ("rm_ceiling", "RM ceiling"),
