@@ -15,7 +15,6 @@ def points(front):
     return front["rm_scores"], front["sft_rm_scores"]
 
 
-
 def draw_limits(ax, front, a, b):
     """The world's limit and ceilings in the (objective a, objective b) plane: the attainable front, its
     LS points and the KL optimum's points (mode) with the judges and with the reward models."""
