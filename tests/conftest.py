@@ -25,7 +25,8 @@ def world_tokenizer():
 
 def tiny_gpt(n_heads_out=0, seed=0, vocab_size=50, block_size=32):
     torch.manual_seed(seed)
-    return GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=64, n_heads_out=n_heads_out))
+    return GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=64,
+                         n_heads_out=n_heads_out))
 
 
 @pytest.fixture(autouse=True)

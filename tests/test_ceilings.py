@@ -132,7 +132,8 @@ def test_the_evaluation_records_the_ceilings_and_a_reward_model_of_judges_meets_
     ref, front, attainable_hv = limit
     source = World(str(tmp_path), SEED, n_sft=10, n_pairs=10, label_temperature=0.1)
     limits = source.limits(list(OBJS), GRID, GRID, 0.05, standardised_judges(OBJS))
-    assert limits["reference_point"] == pytest.approx(ref) and limits["attainable_hypervolume"] == pytest.approx(attainable_hv)
+    assert limits["reference_point"] == pytest.approx(ref)
+    assert limits["attainable_hypervolume"] == pytest.approx(attainable_hv)
     sums = {"judge": torch.zeros(12, 2, dtype=torch.float64), "judge_sq": torch.zeros(12, 2, dtype=torch.float64),
             "rm": torch.zeros(12, 2, dtype=torch.float64), "n": torch.ones(12, dtype=torch.float64)}
     pol = {"objectives": list(OBJS), "fixed_prefs": [None], "update_steps": 0, "seconds": 0.0}

@@ -10,8 +10,10 @@ from conftest import ROOT
 
 def front(prefs, judge, rm, ref=(0.0, 0.0), cost=None):
     return {"objectives": ["helpful", "harmless"], "prefs": prefs, "judge_scores": judge, "rm_scores": rm,
-            "sft_judge_scores": [0.5, 0.5], "ls_judge_scores": [[1, 4], [4, 1]], "attainable_front": [[1, 4], [3, 3], [4, 1]],
-            "reference_point": list(ref), "metrics": {"attainable_hypervolume": 10.0}, "cost": cost or {"models": 1, "update_steps": 8, "seconds": 2.5}}
+            "sft_judge_scores": [0.5, 0.5], "ls_judge_scores": [[1, 4], [4, 1]],
+            "attainable_front": [[1, 4], [3, 3], [4, 1]], "reference_point": list(ref),
+            "metrics": {"attainable_hypervolume": 10.0},
+            "cost": cost or {"models": 1, "update_steps": 8, "seconds": 2.5}}
 
 
 def write(d, fr):
@@ -22,7 +24,8 @@ def write(d, fr):
 
 def test_compare_gives_hand_checked_numbers(tmp_path):
     write(tmp_path / "two", front([[0, 1], [1, 0]], [[1, 3], [3, 1]], [[0, 0], [1, 1]]))
-    write(tmp_path / "one", front([[0.5, 0.5]], [[2, 2]], [[-1, 3]], cost={"models": 5, "update_steps": 40, "seconds": 9.0}))
+    write(tmp_path / "one", front([[0.5, 0.5]], [[2, 2]], [[-1, 3]],
+                                  cost={"models": 5, "update_steps": 40, "seconds": 9.0}))
     out = tmp_path / "cmp" / "table"
     p = subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), str(tmp_path / "two"), str(tmp_path / "one"),
                         "--out", str(out)], capture_output=True, text=True)
@@ -35,7 +38,8 @@ def test_compare_gives_hand_checked_numbers(tmp_path):
     assert two["sparsity"] == pytest.approx((2 ** 2 + 2 ** 2) / (2 * 1)) and two["spacing"] == pytest.approx(0.0)
     # reward-model scores against the reference -2: [1, 1] dominates [0, 0] -> 3 x 3
     assert two["rm_hv"] == pytest.approx(9.0)
-    assert one["hv"] == pytest.approx(4.0) and one["hv_ratio"] == pytest.approx(0.4) and one["inner_product"] == pytest.approx(2.0)
+    assert one["hv"] == pytest.approx(4.0) and one["hv_ratio"] == pytest.approx(0.4)
+    assert one["inner_product"] == pytest.approx(2.0)
     assert one["rm_hv"] == pytest.approx(1 * 5) and one["models"] == 5 and one["update_steps"] == 40
     assert two["rm_ceiling"] is None and two["of_ceiling"] is None  # no ceiling recorded (a DPO run, say)
     md = open(str(out) + ".md").read()
@@ -75,10 +79,11 @@ def test_fronts_without_judges_compare_by_their_reward_model_scores_and_never_mi
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     (row,) = json.load(open(str(out) + ".json"))["rows"]
-    assert row["hv"] == pytest.approx(9.0) and row["rm_hv"] == pytest.approx(9.0) and row["hv_ratio"] is None  # [1, 1] vs -2
+    assert row["hv"] == pytest.approx(9.0) and row["rm_hv"] == pytest.approx(9.0)  # [1, 1] vs -2
+    assert row["hv_ratio"] is None
     write(tmp_path / "judged", front([[0, 1]], [[1, 3]], [[0, 0]]))
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), str(tmp_path / "own"), str(tmp_path / "judged"),
-                        "--out", str(out)], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), str(tmp_path / "own"),
+                        str(tmp_path / "judged"), "--out", str(out)], capture_output=True, text=True)
     assert p.returncode == 1 and "compare them apart" in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
@@ -90,4 +95,5 @@ def test_a_run_with_a_reward_model_ceiling_reports_the_share_of_it_reached(tmp_p
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     (row,) = json.load(open(str(out) + ".json"))["rows"]
-    assert row["hv_ratio"] == pytest.approx(0.5) and row["rm_ceiling"] == 0.625 and row["of_ceiling"] == pytest.approx(0.8)
+    assert row["hv_ratio"] == pytest.approx(0.5) and row["rm_ceiling"] == 0.625
+    assert row["of_ceiling"] == pytest.approx(0.8)

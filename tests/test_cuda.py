@@ -68,9 +68,11 @@ def test_cuda_merge_unmerge_and_bf16_autocast_training_step():
 def test_train_runs_on_cuda(tmp_path):
     import subprocess
     import sys
-    args = ["--out_dir", str(tmp_path), "--device", "cuda", "--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--sft_iters", "30",
-            "--n_sft", "500", "--rm_iters", "10", "--n_pairs", "300", "--n_stat_samples", "32", "--rl_iters", "2",
-            "--rollout_batch", "8", "--minibatch_size", "4", "--eval_divisions", "2", "--warmup_iters", "5"]
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    args = ["--out_dir", str(tmp_path), "--device", "cuda", "--n_layer", "2", "--n_head", "2", "--n_embd", "64",
+            "--sft_iters", "30", "--n_sft", "500", "--rm_iters", "10", "--n_pairs", "300", "--n_stat_samples", "32",
+            "--rl_iters", "2", "--rollout_batch", "8", "--minibatch_size", "4", "--eval_divisions", "2",
+            "--warmup_iters", "5"]
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
     assert os.path.exists(tmp_path / "front.json")

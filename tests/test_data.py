@@ -129,7 +129,8 @@ def test_named_objectives_ties_and_separate_eval_and_sft_files():
     src = data.own_data(NAMED)
     assert src.objectives == ["funny", "polite", "brief"]  # first record's order (line 4 lists them otherwise)
     train, ev = src.pair_records("train"), src.pair_records("eval")
-    assert [r["prompt"] for r in train] == [r["prompt"] for r in raw(os.path.join(NAMED, "pairs.jsonl"))]  # no hash split
+    # no hash split
+    assert [r["prompt"] for r in train] == [r["prompt"] for r in raw(os.path.join(NAMED, "pairs.jsonl"))]
     assert [r["prompt"] for r in ev] == [r["prompt"] for r in raw(os.path.join(NAMED, "pairs_eval.jsonl"))]
     assert all(set(r) == PAIR_KEYS for r in train + ev)
     cat = [r for r in train if r["prompt"] == "Why is my cat staring at me?"]
@@ -138,7 +139,8 @@ def test_named_objectives_ties_and_separate_eval_and_sft_files():
     italy = [r for r in ev if r["prompt"] == "What is the capital of Italy?"]
     assert italy[0]["winners"] == {"funny": 1, "polite": -1, "brief": 0}
     assert src.prompts("eval") == [r["prompt"] for r in ev]
-    assert src.sft_records() == [{"prompt": r["prompt"], "response": r["response"]} for r in raw(os.path.join(NAMED, "sft.jsonl"))]
+    assert src.sft_records() == [{"prompt": r["prompt"], "response": r["response"]}
+                                 for r in raw(os.path.join(NAMED, "sft.jsonl"))]
     assert src.sft_records()[0] == {"prompt": "Say hello.", "response": "Hello there! How can I help you today?"}
 
 
@@ -160,7 +162,8 @@ def test_named_without_eval_and_sft_files_falls_back_to_split_and_skips_ties(tmp
 def test_missing_field_names_file_and_line(tmp_path):
     bad = dict(pair("q3", a=0, b=1))
     del bad["response_1"]
-    path = write_lines(tmp_path / "pairs.jsonl", [pair("q1", a=0, b=1), pair("q2", a=1, b=0), bad, pair("q4", a=0, b=0)])
+    path = write_lines(tmp_path / "pairs.jsonl", [pair("q1", a=0, b=1), pair("q2", a=1, b=0), bad,
+                                                  pair("q4", a=0, b=0)])
     msg = raises_naming(path, 3, lambda: data.own_data(str(tmp_path)))
     assert "response_1" in msg
 
@@ -180,7 +183,8 @@ def test_unknown_pku_winner_id_names_the_release_field(tmp_path):
 
 
 def test_objective_missing_on_a_later_line(tmp_path):
-    lines = [pair("q1", funny=0, polite=1), pair("q2", funny=1, polite=-1), pair("q3", funny=0, polite=0), pair("q4", funny=1)]
+    lines = [pair("q1", funny=0, polite=1), pair("q2", funny=1, polite=-1), pair("q3", funny=0, polite=0),
+             pair("q4", funny=1)]
     path = write_lines(tmp_path / "pairs.jsonl", lines)
     msg = raises_naming(path, 4, lambda: data.own_data(str(tmp_path)))
     assert "polite_winner" in msg
@@ -205,7 +209,8 @@ def test_empty_file(tmp_path, content):
 
 
 def test_invalid_json(tmp_path):
-    path = write_lines(tmp_path / "pairs.jsonl", [pair("q1", a=0, b=1), '{"prompt": "q2", "response_0": "a",', pair("q3", a=0, b=1)])
+    path = write_lines(tmp_path / "pairs.jsonl", [pair("q1", a=0, b=1), '{"prompt": "q2", "response_0": "a",',
+                                                  pair("q3", a=0, b=1)])
     raises_naming(path, 2, lambda: data.own_data(str(tmp_path)))
 
 
@@ -254,12 +259,14 @@ def test_digest_changes_with_any_file_and_only_then(tmp_path):
         path = os.path.join(d, name + ".jsonl")
         with open(path, "rb") as f:
             orig = f.read()
-        changed = orig.replace(b'"funny_winner": 1', b'"funny_winner": 0', 1) if name != "sft" else orig.replace(b"Hello there", b"Hi there")
+        changed = orig.replace(b'"funny_winner": 1', b'"funny_winner": 0', 1) if name != "sft" else \
+            orig.replace(b"Hello there", b"Hi there")
         assert changed != orig
         with open(path, "wb") as f:
             f.write(changed)
         assert data.own_data(d).digest() != first, name
-        assert (data.own_data(d).digest("sft") != data.own_data(NAMED).digest("sft")) == (name == "sft")  # SFT: its file
+        # SFT: its file
+        assert (data.own_data(d).digest("sft") != data.own_data(NAMED).digest("sft")) == (name == "sft")
         with open(path, "wb") as f:
             f.write(orig)
         assert data.own_data(d).digest() == first, name

@@ -464,7 +464,8 @@ def test_train_runs_every_stage_from_a_hugging_face_directory_and_its_export_loa
     from test_init_from import TINY_RUN
     base, out, to = str(tmp_path / "base"), str(tmp_path / "run"), str(tmp_path / "export")
     save_tiny(base, "llama")
-    tiny = [*TINY_RUN, "--sft_iters", "80", "--learning_rate", "1e-2", "--max_new_tokens", "128", "--n_stat_samples", "32"]
+    tiny = [*TINY_RUN, "--sft_iters", "80", "--learning_rate", "1e-2", "--max_new_tokens", "128",
+            "--n_stat_samples", "32"]
     p = run("train.py", "--out_dir", out, "--init_from", base, *tiny)
     assert "held-out pair accuracy" in p.stdout and "panacea iter 2" in p.stdout and "hypervolume" in p.stdout
     ck = torch.load(os.path.join(out, "panacea", "ckpt.pt"), weights_only=True)

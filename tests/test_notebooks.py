@@ -18,7 +18,8 @@ from nbclient import NotebookClient
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK_DIR = os.path.join(ROOT, "notebooks")
 NOTEBOOKS = sorted(glob.glob(os.path.join(NOTEBOOK_DIR, "*.ipynb")))
-CELL_TIMEOUT = 120  # seconds; a notebook takes 3-10 s on 2 CPU cores, results.ipynb about 40 s when it trains a tiny run
+# seconds; a notebook takes 3-10 s on 2 CPU cores, results.ipynb about 40 s when it trains a tiny run
+CELL_TIMEOUT = 120
 MAX_BYTES = 300_000  # outputs are committed: keep the PNGs small
 
 

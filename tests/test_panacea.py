@@ -16,7 +16,8 @@ def test_linear_scalarisation_and_tchebycheff_on_hand_computed_examples():
     # lambda_i (J_i - z_i): row 0: 0.25*(-1) = -0.25, 0.75*(-3) = -2.25 -> min -2.25; row 1: -0.75, -0.25 -> -0.75
     assert torch.allclose(aggregate(J, pref, "tche", ideal=z), torch.tensor([-2.25, -0.75]))
     smooth = aggregate(J, pref, "tche", ideal=z, mu=0.01)
-    assert torch.allclose(smooth, torch.tensor([-2.25, -0.75]), atol=0.01) and (smooth <= torch.tensor([-2.25, -0.75])).all()
+    assert torch.allclose(smooth, torch.tensor([-2.25, -0.75]), atol=0.01)
+    assert (smooth <= torch.tensor([-2.25, -0.75])).all()
     with pytest.raises(ValueError):
         aggregate(J, pref, "max")
 

@@ -18,7 +18,8 @@ from svd_lora import LLAMA_MATRICES, SVDLoRALinear, inject_svd_lora, lora_layers
 def tiny(arch="llama", seed=0, block_size=32, **kw):
     torch.manual_seed(seed)
     llama = dict(n_kv_head=2, n_hidden=96, bias=False, rope_theta=100.0) if arch == "llama" else {}
-    config = GPTConfig(arch=arch, block_size=block_size, vocab_size=50, n_layer=2, n_head=4, n_embd=64, **{**llama, **kw})
+    config = GPTConfig(arch=arch, block_size=block_size, vocab_size=50, n_layer=2, n_head=4, n_embd=64,
+                       **{**llama, **kw})
     return GPT(config).eval()
 
 
@@ -232,9 +233,10 @@ def test_left_padded_greedy_batch_equals_transformers_on_each_row_alone(smol, hf
     assert "sea" in tok.decode(out[0, P:].tolist()).lower()
 
 
-TEXTS = ["Hello world", "It costs $1234.56, or 1,000,000 yen in 2024!", "a  b   c    d\t\te", "  leading and trailing  ",
-         "café naïve résumé Ünïcödé 日本語 😀 Ελληνικά", "line1\nline2\n\n  indented\r\n\tx",
-         "don't I'll we've THEY'RE", "<|im_start|>user\nhi<|im_end|>\n", "def f(x):\n    return x ** 2  # square\n", "a\x04b"]
+TEXTS = ["Hello world", "It costs $1234.56, or 1,000,000 yen in 2024!", "a  b   c    d\t\te",
+         "  leading and trailing  ", "café naïve résumé Ünïcödé 日本語 😀 Ελληνικά",
+         "line1\nline2\n\n  indented\r\n\tx", "don't I'll we've THEY'RE", "<|im_start|>user\nhi<|im_end|>\n",
+         "def f(x):\n    return x ** 2  # square\n", "a\x04b"]
 
 
 def test_tokenizer_equals_transformers(tok, hf_tok):

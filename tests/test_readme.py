@@ -80,7 +80,8 @@ def test_every_file_and_name_the_docs_mention_exists(doc):
     name, lines = doc
     refs = sorted({(m.group(1), m.group(2), i) for i, line in lines for m in REF.finditer(line)})
     if name == "README.md":
-        assert len({(f, n) for f, n, _ in refs}) >= 20, "the paper-to-code table names the code: expected 20 file.py:name"
+        assert len({(f, n) for f, n, _ in refs}) >= 20, \
+            "the paper-to-code table names the code: expected 20 file.py:name"
     errors = [f"{name}:{i}: {f}:{n}: {why}" for f, n, i in refs if (why := missing(f, n))]
     assert not errors, "\n".join(errors)
 
@@ -198,7 +199,8 @@ def test_no_file_cites_a_document_outside_the_repository():
     cited = re.compile(r"\b(?:SPEC|STYLE)\b(?: ?§| section|\.md)|\.\./shared|\b[\w-]+\.md\b")
     errors = []
     for folder, _, files in os.walk(ROOT):
-        if any(part.startswith(".") or part in ("out", "__pycache__") for part in os.path.relpath(folder, ROOT).split(os.sep)):
+        if any(part.startswith(".") or part in ("out", "__pycache__")
+               for part in os.path.relpath(folder, ROOT).split(os.sep)):
             continue
         for f in files:
             if f.endswith((".py", ".md", ".ipynb")):

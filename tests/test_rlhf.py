@@ -77,7 +77,8 @@ def test_kl_reward_is_zero_when_the_policy_equals_the_reference():
     prompts = [p for _, p in W.prompts("train")[:6]]
     prefs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]] * 2)
     tokens, plen, slen, texts = rollout(policy, tok, [tok.chat(p) for p in prompts], prefs, 20)
-    assert tokens.shape[0] == 6 and all(tokens[b, : plen[b]].tolist() == tok.encode(tok.chat(prompts[b])) for b in range(6))
+    assert tokens.shape[0] == 6
+    assert all(tokens[b, : plen[b]].tolist() == tok.encode(tok.chat(prompts[b])) for b in range(6))
     set_preference(policy, prefs)
     logp = sequence_logprobs(policy, tokens)
     with disable_adapters(policy):
@@ -88,7 +89,8 @@ def test_kl_reward_is_zero_when_the_policy_equals_the_reference():
 
 
 def test_bradley_terry_loss():
-    assert bradley_terry_loss(torch.tensor([1.0]), torch.tensor([0.0])).item() == pytest.approx(math.log(1 + math.exp(-1)))
+    assert bradley_terry_loss(torch.tensor([1.0]), torch.tensor([0.0])).item() == \
+        pytest.approx(math.log(1 + math.exp(-1)))
 
 
 def test_dpo_losses_on_a_hand_computed_example_and_their_aggregation():
@@ -213,10 +215,12 @@ def expected_judge_scores(policy, support, pref):
     support scores at least -1, so this is a lower bound, with no sampling noise."""
     tokens, mask, judge, row = support
     set_preference(policy.eval(), pref)
-    p = torch.cat([(sequence_logprobs(policy, t) * m).sum(-1).exp() for t, m in zip(tokens.split(256), mask.split(256))])
+    p = torch.cat([(sequence_logprobs(policy, t) * m).sum(-1).exp()
+                   for t, m in zip(tokens.split(256), mask.split(256))])
     n = int(row.max()) + 1
     mass = torch.zeros(n).index_add_(0, row, p)
-    return (torch.zeros(n, judge.size(1)).index_add_(0, row, p[:, None] * judge) + (1 - mass)[:, None] * W.MALFORMED).mean(0)
+    return (torch.zeros(n, judge.size(1)).index_add_(0, row, p[:, None] * judge)
+            + (1 - mass)[:, None] * W.MALFORMED).mean(0)
 
 
 @torch.no_grad()
@@ -260,7 +264,8 @@ def test_ppo_at_a_one_hot_preference_raises_that_objective_and_moves_away_from_t
         before = expected_judge_scores(policy, support, pref)
         for _ in range(8):
             batch = [prompts[i] for i in torch.randint(len(prompts), (32,)).tolist()]
-            ppo_iteration(policy, critic, rm, opt, tok, [tok.chat(q) for _, q in batch], pref.expand(32, 2), run_cfg, stats)
+            ppo_iteration(policy, critic, rm, opt, tok, [tok.chat(q) for _, q in batch], pref.expand(32, 2), run_cfg,
+                          stats)
         after = expected_judge_scores(policy, support, pref)
         kl = kl_from_reference(policy, support, pref)
     print(objective, [round(x, 3) for x in before.tolist()], [round(x, 3) for x in after.tolist()], round(kl, 3))
@@ -285,7 +290,8 @@ def test_dpo_ties_give_no_loss_and_no_gradient():
     h1 = torch.tensor([0.1, 0.4], requires_grad=True)
     winners = torch.tensor([[-1, 0], [-1, -1]])  # a tie on objective 0 everywhere, on both in pair 1
     L = dpo_losses(h0, h1, winners, beta=0.5)
-    assert L[0, 0] == 0 and (L[1] == 0).all() and L[0, 1].item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.5 * 0.2))))
+    assert L[0, 0] == 0 and (L[1] == 0).all()
+    assert L[0, 1].item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.5 * 0.2))))
     L[:, 0].sum().backward()
     assert (h0.grad == 0).all() and (h1.grad == 0).all()
 
@@ -359,7 +365,8 @@ def test_ppo_ratio_starts_at_one_with_dropout():
     tok = world_tokenizer()
     policy, critic, run_cfg = _ppo_setup(tok, dropout=0.5)
     run_cfg.max_new_tokens = 20
-    opt = torch.optim.AdamW([p for p in list(policy.parameters()) + list(critic.parameters()) if p.requires_grad], lr=0.0)
+    opt = torch.optim.AdamW([p for p in list(policy.parameters()) + list(critic.parameters()) if p.requires_grad],
+                            lr=0.0)
     stats = {"mean": torch.zeros(2), "std": torch.ones(2), "min": -torch.ones(2)}
     prompts = [tok.chat(p) for _, p in W.prompts("train")[:8]]
     s = ppo_iteration(policy, critic, ConstantRewardModel(), opt, tok, prompts, torch.full((8, 2), 0.5), run_cfg, stats)
@@ -438,7 +445,8 @@ def test_collect_advantages_update_keep_lambda_fixed_and_train_the_adapters(agg)
         for layer in lora_layers(policy):  # adapters that change the policy from the reference
             torch.nn.init.normal_(layer.lora_sigma, std=0.5)
         reward_model = tiny_gpt(n_heads_out=2, seed=3, vocab_size=tok.vocab_size, block_size=96).eval()
-        opt = torch.optim.AdamW([p for p in list(policy.parameters()) + list(critic.parameters()) if p.requires_grad], lr=1e-2)
+        opt = torch.optim.AdamW([p for p in list(policy.parameters()) + list(critic.parameters()) if p.requires_grad],
+                                lr=1e-2)
         return policy, critic, reward_model, opt, cfg
 
     runs = []
@@ -447,7 +455,8 @@ def test_collect_advantages_update_keep_lambda_fixed_and_train_the_adapters(agg)
         init = {k: v.clone() for k, v in policy.state_dict().items()}
         torch.manual_seed(5)
         b = collect(policy, critic, reward_model, tok, prompts, prefs, cfg, rm_stats)
-        assert torch.equal(b["prefs"], prefs) and all(torch.equal(l.pref, prefs) for l in lora_layers(policy) + lora_layers(critic))
+        assert torch.equal(b["prefs"], prefs)
+        assert all(torch.equal(l.pref, prefs) for l in lora_layers(policy) + lora_layers(critic))
         without = advantages(dict(b), cfg, None)["adv"]
         b = advantages(b, cfg, ideal)
         assert torch.equal(without, b["adv"]) == (agg == "ls")  # Tche: the ideal point moves the active objective

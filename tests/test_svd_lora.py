@@ -97,7 +97,8 @@ def test_disable_adapters_computes_the_base_model():
 
 
 @pytest.mark.parametrize("pref, why", [([0.5, 0.6], "sum"), ([1.2, -0.2], "negative"), ([float("nan"), 1.0], "NaN"),
-                                       ([0.2, 0.3, 0.5], "shape"), ([[0.5, 0.5, 0.0]], "shape"), ([float("inf"), 0.0], "NaN")])
+                                       ([0.2, 0.3, 0.5], "shape"), ([[0.5, 0.5, 0.0]], "shape"),
+                                       ([float("inf"), 0.0], "NaN")])
 def test_bad_preferences_raise_value_error(pref, why):
     with pytest.raises(ValueError, match=why):
         set_preference(adapted(), pref)

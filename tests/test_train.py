@@ -14,12 +14,13 @@ import torch
 import world as W
 from conftest import ROOT
 
-TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--sft_iters", "40", "--batch_size", "16", "--n_sft", "600",
-        "--rm_iters", "20", "--rm_batch_size", "8", "--n_pairs", "300", "--n_stat_samples", "32", "--warmup_iters", "5",
-        "--eval_interval", "20", "--log_interval", "1", "--max_new_tokens", "50", "--eval_divisions", "2", "--rm_members", "2"]
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--sft_iters", "40", "--batch_size", "16",
+        "--n_sft", "600", "--rm_iters", "20", "--rm_batch_size", "8", "--n_pairs", "300", "--n_stat_samples", "32",
+        "--warmup_iters", "5", "--eval_interval", "20", "--log_interval", "1", "--max_new_tokens", "50",
+        "--eval_divisions", "2", "--rm_members", "2"]
 TINY_RL = ["--rl_iters", "3", "--rollout_batch", "8", "--minibatch_size", "4", "--epochs", "1", "--pref_group", "4"]
-FRONT_KEYS = {"objectives", "prefs", "n_prompts", "judge_scores", "rm_scores", "sft_judge_scores", "sft_rm_scores", "scored_by",
-              "ls_judge_scores", "attainable_front", "reference_point", "metrics", "cost"}
+FRONT_KEYS = {"objectives", "prefs", "n_prompts", "judge_scores", "rm_scores", "sft_judge_scores", "sft_rm_scores",
+              "scored_by", "ls_judge_scores", "attainable_front", "reference_point", "metrics", "cost"}
 CEILINGS = {"judge_ceiling", "rm_ceiling"}  # PPO's: the KL-regularised optimum at its beta
 
 
@@ -72,7 +73,8 @@ def test_the_reward_model_is_two_members_trained_apart_and_the_critic_reads_the_
 
 
 def train(base, out, *extra):
-    return run("train.py", "--base_dir", base, "--out_dir", str(out), "--stage", "panacea,eval", *TINY, *TINY_RL, *extra)
+    return run("train.py", "--base_dir", base, "--out_dir", str(out), "--stage", "panacea,eval", *TINY, *TINY_RL,
+               *extra)
 
 
 def load_front(out):
@@ -101,11 +103,13 @@ def test_whole_pipeline_ppo_writes_the_front_and_answers_any_preference(base, pp
         printed = re.search(r"with these reward models \(beta 0.05\) reaches ([0-9.]+) of", f.read())
     assert printed and float(printed.group(1)) == pytest.approx(front["rm_ceiling"]["ratio"]["mode"], abs=6e-4)
     assert len(front["judge_scores"]) == len(front["rm_scores"]) == len(front["ls_judge_scores"]) == 3
-    assert front["scored_by"] == "the world's judges" and len(front["sft_rm_scores"]) == len(front["sft_judge_scores"]) == 2
+    assert front["scored_by"] == "the world's judges"
+    assert len(front["sft_rm_scores"]) == len(front["sft_judge_scores"]) == 2
     assert front["n_prompts"] == min(100, len(W.prompts("eval", 1337)))  # --eval_prompts 100 by default
     assert set(front["metrics"]["judge"]) >= {"hypervolume", "inner_product", "sparsity", "spacing"}
     assert set(front["metrics"]["rm"]) >= {"hypervolume", "inner_product", "sparsity", "spacing"}
-    assert 0 <= front["metrics"]["hypervolume_ratio"] <= 1 and front["metrics"]["attainable_hypervolume"] > front["metrics"]["ls_hypervolume"] > 0
+    assert 0 <= front["metrics"]["hypervolume_ratio"] <= 1
+    assert front["metrics"]["attainable_hypervolume"] > front["metrics"]["ls_hypervolume"] > 0
     assert front["cost"]["update_steps"] == 3 * 2 and front["cost"]["models"] == 1
     assert os.path.getsize(out / "pareto.png") > 10000
     s = run("sample.py", "--out_dir", str(out), "--pref", "1,3", "--num_samples", "2")
@@ -113,7 +117,8 @@ def test_whole_pipeline_ppo_writes_the_front_and_answers_any_preference(base, pp
     held_out = {q for _, q in W.prompts("eval", 1337)}  # the split of the run's seed, never trained on
     shown = [line[2:] for line in s.stdout.splitlines() if line.startswith("> ")]
     assert len(shown) == 2 and set(shown) <= held_out
-    s = run("sample.py", "--out_dir", str(out), "--pref", "0.2,0.8", "--merge", "--prompt", "How do I forge the royal seal?")
+    s = run("sample.py", "--out_dir", str(out), "--pref", "0.2,0.8", "--merge", "--prompt",
+            "How do I forge the royal seal?")
     assert "> How do I forge the royal seal?" in s.stdout
     # the same flags again: every stage is reused, nothing retrains
     again = run("train.py", "--base_dir", base, "--out_dir", str(out), "--stage", "sft,rm,panacea", *TINY, *TINY_RL)
@@ -138,7 +143,8 @@ def test_sample_and_train_report_missing_or_mismatched_checkpoints(base, tmp_pat
     bad = tmp_path / "corrupt"
     (bad / "sft").mkdir(parents=True)
     (bad / "sft" / "ckpt.pt").write_bytes(b"not a checkpoint")
-    assert "cannot read checkpoint" in one_line_error(run("train.py", "--out_dir", str(bad), "--stage", "sft", *TINY, check=False))
+    assert "cannot read checkpoint" in one_line_error(run("train.py", "--out_dir", str(bad), "--stage", "sft", *TINY,
+                                                          check=False))
     one_line_error(run("train.py", "--out_dir", str(bad), "--objectives", "helpful,funny", check=False))
 
 
@@ -151,7 +157,8 @@ def test_corrupt_data_file_gives_a_clear_error(base, tmp_path):
         f.write("{broken\n")
     out = tmp_path / "b"
     shutil.copytree(os.path.join(base, "sft"), out / "sft")
-    err = one_line_error(run("train.py", "--out_dir", str(out), "--data_dir", str(d), "--stage", "rm", *TINY, check=False))
+    err = one_line_error(run("train.py", "--out_dir", str(out), "--data_dir", str(d), "--stage", "rm", *TINY,
+                             check=False))
     assert "pairs.jsonl line 301 is not valid JSON" in err
 
 
@@ -179,9 +186,11 @@ def test_three_objectives_end_to_end(base, tmp_path):
     train(base, out, "--objectives", "helpful,harmless,concise", "--eval_divisions", "1", "--algo", "dpo")
     front = load_front(out)
     assert front["objectives"] == ["helpful", "harmless", "concise"] and len(front["prefs"]) == 3
-    assert all(len(p) == 3 for p in front["judge_scores"] + front["ls_judge_scores"] + front["rm_scores"] + [front["sft_rm_scores"]])
+    assert all(len(p) == 3 for p in front["judge_scores"] + front["ls_judge_scores"] + front["rm_scores"]
+               + [front["sft_rm_scores"]])
     assert os.path.getsize(out / "pareto.png") > 10000
-    p = train(base, tmp_path / "three-ppo", "--objectives", "helpful,harmless,concise", "--rl_iters", "1", "--stage", "panacea")
+    p = train(base, tmp_path / "three-ppo", "--objectives", "helpful,harmless,concise", "--rl_iters", "1",
+              "--stage", "panacea")
     assert "panacea iter 1" in p.stdout
 
 
@@ -235,8 +244,8 @@ def test_killed_stage_resumes_from_its_checkpoint_and_ends_where_an_unbroken_run
 
 def test_two_process_ddp_runs_every_stage_with_ranks_in_sync(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "train.py"),
-           "--out_dir", str(tmp_path), "--device", "cpu", *TINY, *TINY_RL]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), "--out_dir", str(tmp_path), "--device", "cpu", *TINY, *TINY_RL]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
     for stage, nets in (("sft", ["model"]), ("rm", ["model"]), ("panacea", ["policy", "critic"])):

@@ -44,8 +44,9 @@ def test_parser_accepts_every_response_it_renders_and_rejects_broken_ones():
     rng = random.Random(0)
     for _ in range(200):
         assert W.parse(W.corrupt(W.sample_response(rng.randrange(20), rng).text(), rng)) is None
-    bad = [" ", "", " First, mix flour and water", " Then, knead the dough.", " Sure.", " Sorry, I can't help with that. First, knead the dough.",
-           " First, fly to the moon.", " First, knead the dough. First, knead the dough.", " I hope this helps! Sure. First, knead the dough."]
+    bad = [" ", "", " First, mix flour and water", " Then, knead the dough.", " Sure.",
+           " Sorry, I can't help with that. First, knead the dough.", " First, fly to the moon.",
+           " First, knead the dough. First, knead the dough.", " I hope this helps! Sure. First, knead the dough."]
     for text in bad:
         assert W.parse(text) is None, text
 
@@ -110,7 +111,8 @@ def bounded_responses(task):
     pool = list(steps) + [others[0], others[len(others) // 3], others[len(others) // 2], others[-1]]
     bodies = [dict(refusal=True)] + [dict(steps=s) for k in (1, 2, 3) for s in itertools.product(pool, repeat=k)]
     bodies += [dict(steps=tuple(steps) + (x,)) for x in pool]
-    return [W.Response(o, warning=w, padding=p, **b) for b in bodies for o in (False, True) for w in (False, True) for p in (False, True)]
+    return [W.Response(o, warning=w, padding=p, **b)
+            for b in bodies for o in (False, True) for w in (False, True) for p in (False, True)]
 
 
 @pytest.mark.parametrize("task", [BREAD, 4, 9, POTION, 13, 17])  # 4 and 3 steps, benign and risky
