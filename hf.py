@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from model import GPTConfig
-from tokenizer import byte_decoder, read_json
+from hf_tokenizer import read_json
+from tokenizer import byte_decoder
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 # their name prefix -> ours, applied in order (the inverse, in reverse, gives theirs back)

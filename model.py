@@ -221,7 +221,7 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path="smollm2-135m-instruct", dtype=None, **overrides):
         """A Llama-style model from a GGUF file (hf.gguf_pretrained; its tokenizer: tokenizer.GGUFTokenizer) or from a
-        Hugging Face model directory (hf.read_pretrained; tokenizer.HFTokenizer), with weights in dtype (a torch
+        Hugging Face model directory (hf.read_pretrained; hf_tokenizer.HFTokenizer), with weights in dtype (a torch
         dtype; None: float32). overrides set GPTConfig fields, e.g. n_heads_out=2 for a critic on the pretrained
         body (fresh value head)."""
         from hf import gguf_pretrained, read_pretrained

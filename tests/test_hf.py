@@ -22,7 +22,8 @@ from panacea import fixed_prefs
 from svd_lora import lora_layers, lora_state_dict
 from conftest import world_tokenizer
 from test_train import one_line_error, run
-from tokenizer import DEFAULT_SYSTEM, PRETOKENIZERS, GGUFTokenizer, HFTokenizer, load
+from hf_tokenizer import HFTokenizer
+from tokenizer import DEFAULT_SYSTEM, PRETOKENIZERS, GGUFTokenizer, load
 
 transformers = pytest.importorskip("transformers")
 os.environ["HF_HUB_OFFLINE"] = "1"
